@@ -1,0 +1,1 @@
+"""Command-line interface; see ``dsv4 --help``."""

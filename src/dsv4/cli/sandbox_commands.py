@@ -1,0 +1,9 @@
+"""Command-line subcommands of the sandbox area."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this area's subcommands (none yet)."""
