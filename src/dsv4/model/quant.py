@@ -28,10 +28,27 @@ UE8M0_NAN = 255
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
-# Rounding |x| to e2m1: code k + 1 is chosen above the midpoint between codes k and k + 1.
-# On the midpoint itself the even code wins (round half to even), so a tie above an odd
-# code k rounds up and a tie above an even code rounds down.
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# Rounding |x| to e2m1 works on 4|x|, where every midpoint between neighbouring e2m1 values
+# (0.25, 0.75, ..., 5) becomes an integer. Inside an open interval (f, f + 1) the nearest code
+# is the count of midpoints <= f. On an integer f that is a midpoint the even code of the two
+# neighbours wins (round half to even).
+_E2M1_MIDPOINTS_X4 = (1, 3, 5, 7, 10, 14, 20)
+_E2M1_MAX_X4 = 24
+
+
+def _e2m1_code_tables() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    inside, on_integer = [], []
+    for f in range(_E2M1_MAX_X4 + 1):
+        below = sum(1 for m in _E2M1_MIDPOINTS_X4 if m < f)
+        inside.append(sum(1 for m in _E2M1_MIDPOINTS_X4 if m <= f))
+        if f in _E2M1_MIDPOINTS_X4:
+            on_integer.append(below if below % 2 == 0 else below + 1)
+        else:
+            on_integer.append(below)
+    return tuple(inside), tuple(on_integer)
+
+
+_E2M1_CODE_INSIDE, _E2M1_CODE_ON_INTEGER = _e2m1_code_tables()
 
 
 def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
@@ -88,6 +105,23 @@ def _expand_blocks(scale: torch.Tensor, rows: int, cols: int, block_rows: int,
     return expanded[:rows, :cols]
 
 
+def _apply_block_factors(values: torch.Tensor, factors: torch.Tensor, block: int,
+                         divide: bool = False) -> torch.Tensor:
+    """Multiply (or divide) float32 ``[rows, cols]`` by one factor per ``block`` x ``block`` tile.
+
+    Whole tiles broadcast through a 4-D view without materializing the expanded factors,
+    which is several times faster than repeating them; partial edge tiles use the repeat.
+    """
+    rows, cols = values.shape
+    if rows % block == 0 and cols % block == 0:
+        tiles = values.view(rows // block, block, cols // block, block)
+        broadcast = factors[:, None, :, None]
+        result = tiles / broadcast if divide else tiles * broadcast
+        return result.view(rows, cols)
+    expanded = _expand_blocks(factors, rows, cols, block, block)
+    return values / expanded if divide else values * expanded
+
+
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor,
                           dtype: torch.dtype = torch.float32, *, block: int = FP8_BLOCK,
                           name: str | None = None) -> torch.Tensor:
@@ -105,8 +139,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor,
             f"FP8 scale {name or ''} for weight {tuple(weight.shape)} must have shape "
             f"{expected} (one per {block}x{block} block), got {tuple(scale.shape)}")
     factors = ue8m0_to_float(scale, name)  # [out/block, in/block] float32
-    values = weight.to(torch.float32) * _expand_blocks(factors, rows, cols, block, block)
-    return values.to(dtype)
+    return _apply_block_factors(weight.to(torch.float32), factors, block).to(dtype)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
@@ -116,11 +149,11 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """
     if packed.dtype not in (torch.int8, torch.uint8):
         raise TypeError(f"packed FP4 values must be int8 or uint8, got {packed.dtype}")
-    raw = packed.view(torch.uint8).to(torch.int64)
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    low = table[raw & 0x0F]  # even-indexed elements
-    high = table[raw >> 4]  # odd-indexed elements
-    return torch.stack((low, high), dim=-1).flatten(-2)
+    raw = packed.view(torch.uint8).long()
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack((values[byte & 0x0F], values[byte >> 4]), dim=-1)  # [256, 2]: low, high
+    return pairs[raw].flatten(-2)
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor,
@@ -144,14 +177,13 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor,
 
 def round_to_e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round float values to the nearest e2m1 code (int64 in 0..15), ties to even, saturating."""
-    magnitude = x.float().abs()
-    codes = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
-    for lower_code, midpoint in enumerate(_E2M1_MIDPOINTS):
-        if lower_code % 2 == 0:
-            codes += (magnitude > midpoint).to(torch.int64)
-        else:
-            codes += (magnitude >= midpoint).to(torch.int64)
-    # NaN compares false everywhere and would become +0, so callers must not pass NaN.
+    scaled = (x.float().abs() * 4).clamp_(max=_E2M1_MAX_X4)  # exact: times a power of two
+    floor = scaled.floor()
+    index = floor.long()
+    inside = torch.tensor(_E2M1_CODE_INSIDE, dtype=torch.int64, device=x.device)
+    on_integer = torch.tensor(_E2M1_CODE_ON_INTEGER, dtype=torch.int64, device=x.device)
+    codes = torch.where(scaled == floor, on_integer[index], inside[index])
+    # NaN would index out of range; callers must not pass NaN.
     return codes + 8 * (x < 0).to(torch.int64)
 
 
@@ -170,16 +202,18 @@ def quantize_fp8_blocks(weight: torch.Tensor, *, block: int = FP8_BLOCK,
     """
     rows, cols = weight.shape
     block_rows, block_cols = math.ceil(rows / block), math.ceil(cols / block)
-    padded = torch.zeros(block_rows * block, block_cols * block, dtype=torch.float32,
-                         device=weight.device)
-    padded[:rows, :cols] = weight.float()
-    tiles = padded.view(block_rows, block, block_cols, block)
-    amax = tiles.abs().amax(dim=(1, 3))  # [block_rows, block_cols]
+    values = weight.float()
+    if rows % block or cols % block:
+        padded = values.new_zeros(block_rows * block, block_cols * block)
+        padded[:rows, :cols] = values
+    else:
+        padded = values
+    amax = padded.view(block_rows, block, block_cols, block).abs().amax(dim=(1, 3))
     exponent = ceil_log2(torch.clamp(amax / FP8_MAX, min=2.0 ** -UE8M0_BIAS))
-    exponent = exponent.clamp(-UE8M0_BIAS, UE8M0_BIAS)
+    exponent = exponent.clamp(-UE8M0_BIAS, UE8M0_BIAS)  # [block_rows, block_cols]
     factors = torch.ldexp(torch.ones_like(amax), exponent)
-    divisor = _expand_blocks(factors, rows, cols, block, block)
-    quantized = (weight.float() / divisor).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scaled = _apply_block_factors(values, factors, block, divide=True)  # exact: powers of two
+    quantized = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantized, float_to_ue8m0(exponent)
 
 
@@ -198,7 +232,7 @@ def quantize_fp4(weight: torch.Tensor, *, block: int = FP4_BLOCK,
     amax = groups.abs().amax(dim=-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
     exponent = ceil_log2(amax / FP4_MAX)  # [out, in/block, 1]
     scaled = torch.ldexp(groups, -exponent)  # exact division by a power of two
-    codes = round_to_e2m1_codes(scaled.clamp(-FP4_MAX, FP4_MAX)).view(rows, cols // 2, 2)
+    codes = round_to_e2m1_codes(scaled).view(rows, cols // 2, 2)  # saturates at +-6
     packed = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8).view(torch.int8)
     return packed, float_to_ue8m0(exponent.squeeze(-1))
 
