@@ -35,10 +35,16 @@ class StreamParser:
     output starts as reasoning. `tools` is the request's OpenAI tools list: a call to a name not
     in it becomes a `ParseError`. With ``tools=None`` names are not checked, and with ``[]``
     every call is an error.
+
+    By default a call streams: `ToolCallStart` once its name is read, then argument deltas.
+    A call rejected later ends in a `ParseError` with its index, so the consumer must drop it.
+    With ``atomic_calls=True`` the start and deltas of a call are held and released together
+    with its `ToolCallEnd`, and a rejected call shows only as a `ParseError`.
     """
 
     def __init__(self, mode: str = "thinking", tools: list[dict[str, Any]] | None = None, *,
-                 tokenizer: Tokenizer | None = None, call_id_prefix: str | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, call_id_prefix: str | None = None,
+                 atomic_calls: bool = False) -> None:
         if mode not in ("thinking", "chat"):
             raise ValueError(f"mode: invalid value {mode!r}; expected 'thinking' or 'chat'")
         self._schemas: dict[str, dict[str, Any]] | None = None
@@ -67,6 +73,8 @@ class StreamParser:
         self._invoke_name = ""
         self._invoke_problem: str | None = None
         self._arguments: ArgumentsBuilder | None = None
+        self._atomic_calls = atomic_calls
+        self._held_call_events: list[Event] = []
         self._value_marked = True
         self._value_newline = ""     # a trailing newline of a value, dropped on implicit close
 
@@ -249,7 +257,7 @@ class StreamParser:
         self._invoke_id = f"call_{self._call_id_prefix}_{self._invoke_index}"
         schema = self._schemas.get(name) if self._schemas is not None else None
         self._arguments = ArgumentsBuilder(schema)
-        events.append(ToolCallStart(self._invoke_index, self._invoke_id, name))
+        self._call_events(events).append(ToolCallStart(self._invoke_index, self._invoke_id, name))
 
     def _open_param(self, events: list[Event], match: regex.Match[str]) -> None:
         assert self._arguments is not None
@@ -264,9 +272,14 @@ class StreamParser:
         self._value_newline = ""
         self._state = "value"
 
+    def _call_events(self, events: list[Event]) -> list[Event]:
+        """Return where events of the open call go: the output, or the hold of an atomic call."""
+        return self._held_call_events if self._atomic_calls else events
+
     def _emit_arguments(self, events: list[Event], deltas: list[str]) -> None:
         assert self._invoke_index is not None
-        events += [ToolCallArgumentsDelta(self._invoke_index, d) for d in deltas if d]
+        self._call_events(events).extend(
+            ToolCallArgumentsDelta(self._invoke_index, d) for d in deltas if d)
 
     # Parameter values.
 
@@ -321,12 +334,13 @@ class StreamParser:
         self._state = {"close_invoke": "block", "close_block": "after_block", "eos": "done"}[kind]
 
     def _reject_invoke(self, events: list[Event], reason: str) -> None:
-        events.append(ParseError(f"invalid tool call: {reason}", self._invoke_raw,
-                                 self._invoke_index))
+        announced = self._invoke_index if not self._atomic_calls else None
+        events.append(ParseError(f"invalid tool call: {reason}", self._invoke_raw, announced))
         logger.debug("rejected tool call %r: %s", self._invoke_name, reason)
         self._clear_invoke()
 
     def _clear_invoke(self) -> None:
+        self._held_call_events = []
         self._recording = False
         self._invoke_raw = ""
         self._invoke_index = None
@@ -348,6 +362,7 @@ class StreamParser:
             self._reject_invoke(events, str(error))
             return
         self._emit_arguments(events, deltas)
+        events += self._held_call_events
         events += [ParseWarning(message, raw) for message, raw in self._arguments.warnings]
         events.append(ToolCallEnd(self._invoke_index, self._invoke_id, self._invoke_name,
                                   arguments, json.loads(arguments)))
