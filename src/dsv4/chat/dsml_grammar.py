@@ -32,12 +32,17 @@ def _alternatives(**named: str) -> regex.Pattern[str]:
     return regex.compile("|".join(f"(?P<{name}>{body})" for name, body in named.items()))
 
 
+# A DSML-marked tag that cannot start a block, such as a stray closer. It ends at ">", or
+# before a "<" or newline; the lookahead keeps it undecided until that character arrives.
+STRAY_TAG = rf"< ?/? ?{_MARK}[^<>\n]*(?:>|(?=[<\n]))"
+
 # Where reasoning or content ends. Marker-less invokes count only in content: reasoning often
 # talks about the format, while a bare tag in the answer is a call the model got wrong.
 REASONING_STOPS = _alternatives(think_end=regex.escape(THINK_END), open_block=OPEN_BLOCK,
-                                bare_invoke=rf"< ?{_MARK}invoke +name", eos=_EOS)
+                                bare_invoke=rf"< ?{_MARK}invoke +name", eos=_EOS,
+                                stray=STRAY_TAG)
 CONTENT_STOPS = _alternatives(open_block=OPEN_BLOCK, bare_invoke=rf"< ?{_MARK}?invoke +name",
-                              eos=_EOS)
+                              eos=_EOS, stray=STRAY_TAG)
 
 # Tags between invokes and between the parameters of one invoke.
 BLOCK_TAGS = _alternatives(open_invoke=OPEN_INVOKE, close_invoke=CLOSE_INVOKE,

@@ -159,7 +159,10 @@ class StreamParser:
             return
 
         kind = match.lastgroup
-        if kind == "think_end":
+        if kind == "stray":
+            events.append(ParseError("DSML tag outside a tool-call block",
+                                     self._take(match.end() - match.start())))
+        elif kind == "think_end":
             self._take(match.end() - match.start())
             self._emit_text(events, "", hold_whitespace=False)
             self._state = "content"
