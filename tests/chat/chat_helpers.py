@@ -28,8 +28,11 @@ def run_parser(chunks: list[str], mode: str = "chat", tools=None, **options) -> 
 
 def assert_split_invariant(text: str, mode: str = "chat", tools=None,
                            tokenizer: Tokenizer | None = None) -> list:
-    """Check that every two-way split, one character at a time and (optionally) one token at a
-    time all give the events of the whole text; return those events."""
+    """Check that chunked feeding gives the events of the whole text, and return them.
+
+    The chunkings are every two-way split, one character at a time, and, given a tokenizer,
+    one token at a time.
+    """
     whole = run_parser([text], mode, tools)
     for cut in range(1, len(text)):
         assert run_parser([text[:cut], text[cut:]], mode, tools) == whole, f"split at {cut}"

@@ -73,7 +73,8 @@ def test_vector_one_parses_back():
     assert function["name"] == "get_weather"
     assert json.loads(function["arguments"]) == {"location": "Beijing", "unit": "celsius"}
     assert call_turn.finish_reason == "tool_calls"
-    assert call_turn.errors == [] and call_turn.warnings == []
+    assert call_turn.errors == []
+    assert call_turn.warnings == []
 
     answer = parse_completion(second, mode="thinking", tools=messages[0]["tools"])
     assert answer.reasoning_content == messages[4]["reasoning_content"]

@@ -27,7 +27,8 @@ def names(message: ParsedMessage) -> list:
 def assert_no_dsml_leak(message: ParsedMessage) -> None:
     for text in (message.content, message.reasoning_content):
         assert "DSML" not in text
-        assert "<invoke" not in text and "<parameter" not in text
+        assert "<invoke" not in text
+        assert "<parameter" not in text
         assert EOS not in text
 
 
@@ -39,7 +40,8 @@ def test_marker_split_across_chunks(tokenizer):
     chunks = [dsml(c) for c in chunks]
     message = parsed(run_parser(chunks, tools=F_TOOLS))
     assert message.content == "Sure."
-    assert names(message) == ["f"] and arguments(message) == [{"a": "x"}]
+    assert names(message) == ["f"]
+    assert arguments(message) == [{"a": "x"}]
     assert message.finish_reason == "tool_calls"
     assert_no_dsml_leak(message)
     events = assert_split_invariant("".join(chunks), tools=F_TOOLS, tokenizer=tokenizer)
@@ -194,7 +196,8 @@ def test_markerless_parameter_without_schema_rejected():
                 'name="enabled">true</D parameter>⏎</D invoke>⏎</D tool_calls>') + EOS
     message = parsed(run_parser([text]))
     assert message.tool_calls == []
-    assert len(message.errors) == 1 and "set_flag" in message.errors[0].raw
+    assert len(message.errors) == 1
+    assert "set_flag" in message.errors[0].raw
     assert message.finish_reason == "stop"
 
 
@@ -261,7 +264,8 @@ def test_incomplete_call_at_end_dropped():
     tools = F_TOOLS + [tool("g", x="string")]
     message = parsed(assert_split_invariant(truncated, mode="thinking", tools=tools))
     assert names(message) == ["f"]
-    assert len(message.errors) == 1 and "g" in message.errors[0].raw
+    assert len(message.errors) == 1
+    assert '"g"' in message.errors[0].raw
     assert message.content == ""
     assert_no_dsml_leak(message)
 

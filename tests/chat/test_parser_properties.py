@@ -74,7 +74,8 @@ def test_any_split_gives_same_events(tokenizer, text, mode):
     events = assert_split_invariant(text, mode=mode, tools=TOOLS, tokenizer=tokenizer)
     message = ParsedMessage.from_events(events)
     for field in (message.content, message.reasoning_content):
-        assert f"<{DSML}" not in field and f"</{DSML}" not in field
+        assert f"<{DSML}" not in field
+        assert f"</{DSML}" not in field
         assert EOS not in field
     assert (message.finish_reason == "tool_calls") == bool(message.tool_calls)
 

@@ -71,6 +71,8 @@ def test_detokenizer_flushes_cut_character(tokenizer):
 def test_out_of_range_id_rejected(tokenizer):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tokenizer.decode([129280])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.decode([-1])
 
 
 def test_injected_marker_stays_text(tokenizer):

@@ -12,7 +12,7 @@ _WRAPPER_KEYS = ("arguments", "input")
 
 
 class InvokeRejected(Exception):
-    """The invoke being parsed cannot become a call; the message says why."""
+    """Raised when the invoke being parsed cannot become a call; the message gives the reason."""
 
 
 def _reject_constant(name: str) -> Any:

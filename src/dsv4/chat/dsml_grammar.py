@@ -24,7 +24,6 @@ OPEN_PARAM = (rf'< ?(?P<param_mark>{_MARK})?parameter +name ?= ?"(?P<key>[^"\n<>
 CLOSE_PARAM_MARKED = rf"< ?/ ?{_MARK}parameter ?>"
 CLOSE_PARAM_ANY = rf"< ?/ ?{_MARK}?parameter ?>"
 CLOSE_INVOKE_MARKED = rf"< ?/ ?{_MARK}invoke ?>"
-OPEN_PARAM_MARKED = rf"< ?{_MARK}parameter +name"
 _EOS = regex.escape(EOS)
 
 
@@ -36,8 +35,8 @@ def _alternatives(**named: str) -> regex.Pattern[str]:
 # before a "<" or newline; the lookahead keeps it undecided until that character arrives.
 STRAY_TAG = rf"< ?/? ?{_MARK}[^<>\n]*(?:>|(?=[<\n]))"
 
-# Where reasoning or content ends. Marker-less invokes count only in content: reasoning often
-# talks about the format, while a bare tag in the answer is a call the model got wrong.
+# Tags that end reasoning or content. Marker-less invokes count only in content, because
+# reasoning often discusses the format while a bare tag in content is a malformed call.
 REASONING_STOPS = _alternatives(think_end=regex.escape(THINK_END), open_block=OPEN_BLOCK,
                                 bare_invoke=rf"< ?{_MARK}invoke +name", eos=_EOS,
                                 stray=STRAY_TAG)
@@ -49,8 +48,8 @@ BLOCK_TAGS = _alternatives(open_invoke=OPEN_INVOKE, close_invoke=CLOSE_INVOKE,
                            close_block=CLOSE_BLOCK, open_param=OPEN_PARAM,
                            close_param=CLOSE_PARAM_ANY, eos=_EOS)
 
-# Where a parameter value ends. Inside a value opened with the marker only marked tags end it,
-# so a string value may contain ``</parameter>`` or ``<invoke`` as text.
+# Tags that end a parameter value. Inside a value opened with the marker only marked tags end
+# it, so a string value may contain ``</parameter>`` or ``<invoke`` as text.
 VALUE_STOPS_MARKED = _alternatives(close_param=CLOSE_PARAM_MARKED,
                                    open_param=rf"< ?{_MARK}parameter +name ?= ?\"",
                                    close_invoke=CLOSE_INVOKE_MARKED,
@@ -59,7 +58,7 @@ VALUE_STOPS_ANY = _alternatives(close_param=CLOSE_PARAM_ANY,
                                 open_param=rf"< ?{_MARK}?parameter +name ?= ?\"",
                                 close_invoke=CLOSE_INVOKE, close_block=CLOSE_BLOCK, eos=_EOS)
 
-# Where a rejected invoke ends.
+# Tags that end a rejected invoke.
 SKIP_STOPS = _alternatives(close_invoke=CLOSE_INVOKE, close_block=CLOSE_BLOCK,
                            open_invoke=rf"< ?{_MARK}invoke +name", eos=_EOS)
 
@@ -68,9 +67,9 @@ def find_stop(pattern: regex.Pattern[str], text: str, final: bool,
               ) -> tuple[int, regex.Match[str] | None]:
     """Find the first full match of `pattern` at a ``<`` in `text`.
 
-    Returns (position, match). With no full match, the position is where the text may still
-    turn into one (a partial match running to the end) and match is None; when `final` is set,
-    or nothing could match, the position is ``len(text)``.
+    Returns (position, match). Without a full match, match is None and the position is where
+    a partial match runs to the end of the text, so more text may complete it. When `final`
+    is set, or nothing could match, the position is ``len(text)``.
     """
     position = text.find("<")
     while position != -1:

@@ -41,8 +41,8 @@ def _check_tool_choice(tool_choice: Any, mode: str) -> bool:
         raise ChatFormatError(f"tool_choice: invalid value {tool_choice!r}; expected 'auto', "
                               f"'none', 'required' or {{\"type\": \"function\", ...}}")
     if mode == "thinking":
-        # DeepSeek's API answers 400 here too: the format has no way to force a call after
-        # free-form reasoning.
+        # DeepSeek's API rejects this with HTTP 400 too, because the format cannot force a call
+        # after free-form reasoning.
         raise ChatFormatError(f"tool_choice: {tool_choice!r} is not supported in thinking mode; "
                               f"use tool_choice='auto' or mode='chat'")
     # NOTE: in chat mode a forced choice renders like 'auto'; enforcing it needs constrained

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+UNCLOSED_REASONING = "the completion ended without </think>; its text was kept as reasoning"
+
+
 @dataclass(frozen=True)
 class ReasoningDelta:
     """More reasoning text (what the model wrote before ``</think>``)."""
@@ -15,7 +18,7 @@ class ReasoningDelta:
 
 @dataclass(frozen=True)
 class ContentDelta:
-    """More visible answer text."""
+    """More visible content text (what the model wrote after ``</think>``)."""
 
     text: str
 

@@ -219,10 +219,10 @@ def merge_tool_results(turns: list[Turn]) -> list[Turn]:
 
 
 def _sort_results_by_call_order(turns: list[Turn]) -> None:
-    """Reorder the tool results of each user turn into the order of the calls they answer.
+    """Reorder the tool results of each user turn into the order of their calls.
 
-    Results whose id matches no call of the latest assistant turn with calls sort first; the
-    sort is stable and text blocks keep their places.
+    The order comes from the latest assistant turn with calls. Results whose id matches none
+    of its calls sort first, the sort is stable, and text blocks keep their places.
     """
     call_order: dict[str, int] = {}
     for turn in turns:

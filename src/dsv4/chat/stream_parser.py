@@ -1,9 +1,9 @@
 """Incremental parser of DeepSeek-V4 completions into reasoning, content and tool-call events.
 
-Feed it text deltas or token ids in any split; the events, once neighbouring deltas are merged
-(`coalesce_events`), do not depend on where the chunks were cut. Text that may still become a
-marker is held back until it is decided, so no partial marker reaches content, reasoning or
-arguments. The tolerance rules for malformed output are listed in docs/chat.md.
+Feed it text deltas or token ids in any split. Once neighbouring deltas are merged
+(`coalesce_events`), the events do not depend on where the chunks were cut. Text that may
+still become a marker is held back until it is decided, so no partial marker reaches content,
+reasoning or arguments. The tolerance rules for malformed output are listed in docs/chat.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import regex
 
 from dsv4.chat import dsml_grammar as grammar
 from dsv4.chat.arguments import ArgumentsBuilder, InvokeRejected
-from dsv4.chat.events import (ContentDelta, Event, MessageEnd, ParseError, ParseWarning,
-                              ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart)
+from dsv4.chat.events import (UNCLOSED_REASONING, ContentDelta, Event, MessageEnd, ParseError,
+                              ParseWarning, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd,
+                              ToolCallStart)
 from dsv4.chat.messages import validate_tools
 from dsv4.chat.tokenizer import IncrementalDetokenizer, Tokenizer, default_tokenizer
 from dsv4.chat.tokens import THINK_END, THINK_START, TOOL_CALLS_OPEN
@@ -170,8 +171,7 @@ class StreamParser:
             self._take(match.end() - match.start())
             self._emit_text(events, "", hold_whitespace=False)
             if self._state == "reasoning":
-                events.append(ParseWarning(
-                    "the completion ended without </think>; its text was kept as reasoning"))
+                events.append(ParseWarning(UNCLOSED_REASONING))
             self._state = "done"
         else:
             # A tool-call block starts: one blank line before it belongs to the delimiter.
@@ -183,12 +183,12 @@ class StreamParser:
                 events.append(ParseWarning("tool calls started before </think>; the reasoning "
                                            "was closed there"))
             self._wrapped = kind == "open_block"
-            if not self._wrapped:
-                events.append(ParseWarning("tool call without a tool_calls block around it"))
             if self._wrapped:
                 tag = self._take(match.end() - match.start())
                 if tag != TOOL_CALLS_OPEN:
                     events.append(ParseWarning("accepted a malformed tool_calls opening tag", tag))
+            else:
+                events.append(ParseWarning("tool call without a tool_calls block around it"))
             self._state = "block"
 
     # Between tags of the block and of an invoke.
@@ -227,27 +227,22 @@ class StreamParser:
             self._take(match.end() - match.start())
             self._state = "after_block"
         elif kind == "eos":
+            self._take(match.end() - match.start())
             if in_invoke:
-                self._take(match.end() - match.start())
                 self._reject_invoke(events, "the completion ended inside this invoke")
-            else:
-                self._take(match.end() - match.start())
-                if self._wrapped:
-                    events.append(ParseWarning("the tool_calls block was not closed"))
+            elif self._wrapped:
+                events.append(ParseWarning("the tool_calls block was not closed"))
             self._state = "done"
         else:
             # A tag that does not belong here, such as a parameter outside an invoke.
             self._between_tags += self._take(match.end() - match.start())
 
     def _start_invoke(self, events: list[Event], match: regex.Match[str]) -> None:
-        self._invoke_raw = ""
+        self._clear_invoke()
         self._recording = True
-        self._invoke_name = match.group("name")
         self._take(match.end() - match.start())
-        self._invoke_problem = None
-        self._invoke_index = None
         self._state = "invoke"
-        name = match.group("name")
+        name = self._invoke_name = match.group("name")
         if not name.strip():
             self._invoke_problem = "the invoke has an empty name"
         elif self._schemas is not None and name not in self._schemas:
@@ -290,28 +285,31 @@ class StreamParser:
         assert self._arguments is not None
         pattern = grammar.VALUE_STOPS_MARKED if self._value_marked else grammar.VALUE_STOPS_ANY
         position, match = grammar.find_stop(pattern, self._buffer, final)
+
+        # Hold one trailing newline back, because an implicitly closed value does not own it.
         text = self._value_newline + self._take(position)
-        # Hold one trailing newline: an implicitly closed value does not own it.
         self._value_newline = "\n" if text.endswith("\n") else ""
         if self._value_newline:
             text = text[:-1]
         self._emit_arguments(events, self._arguments.add_value(text))
         if match is None:
             return
+
         kind = match.lastgroup
-        if kind == "close_param":
-            self._emit_arguments(events, self._arguments.add_value(self._value_newline))
-            self._value_newline = ""
-            self._take(match.end() - match.start())
-        elif kind != "eos":
-            events.append(ParseWarning("a parameter value was not closed; the next tag closed it",
-                                       match.group()))
-        self._value_newline = ""
+        held_newline, self._value_newline = self._value_newline, ""
         if kind == "eos":
             self._take(match.end() - match.start())
             self._reject_invoke(events, "the completion ended inside a parameter value")
             self._state = "done"
             return
+        if kind == "close_param":
+            self._emit_arguments(events, self._arguments.add_value(held_newline))
+            self._take(match.end() - match.start())
+        else:
+            # The tag stays in the buffer for the invoke state to handle.
+            events.append(ParseWarning("a parameter value was not closed; the next tag closed it",
+                                       match.group()))
+
         try:
             self._emit_arguments(events, self._arguments.close_param())
         except InvokeRejected as error:

