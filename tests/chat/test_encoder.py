@@ -205,6 +205,7 @@ def test_latest_reminder():
     ("query", "<｜User｜>best laptops<｜query｜>"),
     ("authority", "<｜User｜>best laptops<｜authority｜>"),
     ("domain", "<｜User｜>best laptops<｜domain｜>"),
+    ("read_url", "<｜User｜>best laptops<｜read_url｜>"),
     ("action", "<｜User｜>best laptops<｜Assistant｜><think><｜action｜>"),
 ])
 def test_user_tasks(task, tail):

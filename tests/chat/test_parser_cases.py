@@ -320,6 +320,12 @@ def test_tool_calls_inside_reasoning(tokenizer):
     assert message.finish_reason == "tool_calls"
 
 
+def test_think_marker_split_across_deltas():
+    message = parsed(run_parser(["plan</think>a </th", "ink> b" + EOS], mode="thinking"))
+    assert message.content == "a </think> b"
+    assert [w.raw for w in message.warnings] == ["</think>"]
+
+
 def test_second_think_end_stays_content():
     text = "plan</think>Answer part 1</think>Answer part 2" + EOS
     message = parsed(assert_split_invariant(text, mode="thinking"))

@@ -61,7 +61,8 @@ class StreamParser:
         self._held_whitespace = ""   # trailing whitespace of reasoning/content, not yet emitted
         self._between_tags = ""      # text between tags inside the block, checked at the next tag
         self._wrapped = False        # the block opened with a tool_calls tag
-        self._content_seen = ""      # all content, to flag stray think markers at the end
+        self._content_tail = ""      # end of the content so far, to find markers split by deltas
+        self._think_markers_in_content: set[str] = set()
         self._trailing = ""          # text after the end-of-sentence marker
         self._calls_ended = 0
         self._next_index = 0
@@ -147,7 +148,10 @@ class StreamParser:
         if self._state == "reasoning":
             events.append(ReasoningDelta(text))
         else:
-            self._content_seen += text
+            window = self._content_tail + text
+            self._think_markers_in_content.update(
+                marker for marker in (THINK_START, THINK_END) if marker in window)
+            self._content_tail = window[-len(THINK_END):]
             events.append(ContentDelta(text))
 
     def _step_text(self, events: list[Event], final: bool) -> None:
@@ -405,7 +409,7 @@ class StreamParser:
             events.append(ParseWarning("text after the end-of-sentence marker was ignored",
                                        self._trailing))
         for marker in (THINK_START, THINK_END):
-            if marker in self._content_seen:
+            if marker in self._think_markers_in_content:
                 events.append(ParseWarning(f"content contains a literal {marker}; kept as text",
                                            marker))
         return events
