@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chat_helpers import EOS, assert_split_invariant, dsml, run_parser, tool
+from chat_helpers import DSML, EOS, assert_split_invariant, dsml, run_parser, tool
 from dsv4.chat import (ContentDelta, MessageEnd, ParsedMessage, ParseError, ParseWarning,
                        StreamParser, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart,
                        parse_completion)
@@ -387,3 +387,35 @@ def test_event_order_for_one_call():
 def test_warning_event_type():
     events = run_parser(["x</think>" + EOS])
     assert any(isinstance(e, ParseWarning) for e in events)
+
+
+def test_duplicate_parameter_rejected():
+    text = dsml('<D tool_calls>⏎<D invoke name="f">⏎<D parameter name="a" string="true">1'
+                '</D parameter>⏎<D parameter name="a" string="true">2</D parameter>⏎'
+                '</D invoke>⏎</D tool_calls>') + EOS
+    message = parsed(assert_split_invariant(text, tools=F_TOOLS))
+    assert message.tool_calls == []
+    assert "duplicate parameter 'a'" in message.errors[0].message
+
+
+def test_empty_invoke_name_rejected():
+    text = dsml('<D tool_calls>⏎<D invoke name="">⏎</D invoke>⏎</D tool_calls>') + EOS
+    events = run_parser([text])
+    assert not any(isinstance(e, ToolCallStart) for e in events)
+    assert "empty name" in parsed(events).errors[0].message
+
+
+def test_next_invoke_closes_previous():
+    text = dsml('<D tool_calls>⏎<D invoke name="f">⏎<D parameter name="a" string="true">1'
+                '</D parameter>⏎<D invoke name="f">⏎<D parameter name="a" string="true">2'
+                '</D parameter>⏎</D invoke>⏎</D tool_calls>') + EOS
+    message = parsed(assert_split_invariant(text, tools=F_TOOLS))
+    assert arguments(message) == [{"a": "1"}, {"a": "2"}]
+    assert [c["id"] for c in message.tool_calls] == ["call_t_0", "call_t_1"]
+    assert any("invoke was not closed" in w.message for w in message.warnings)
+
+
+def test_stray_closer_in_content_reported():
+    message = parsed(assert_split_invariant(f"ok </{DSML}invoke> done" + EOS))
+    assert message.content == "ok  done"
+    assert message.errors[0].raw == f"</{DSML}invoke>"

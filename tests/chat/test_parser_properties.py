@@ -92,3 +92,26 @@ def test_round_trip_split_anywhere(reasoning, content, calls):
     cut = len(completion) // 2
     for split in ([completion[:cut], completion[cut:]], list(completion)):
         assert run_parser(split, "thinking", TOOLS) == whole
+
+
+MARKER_TEXT = st.lists(st.sampled_from(["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>",
+                                        EOS, "<｜begin▁of▁sentence｜>", f"<{DSML}tool_calls>",
+                                        "<dsml:", "<|EOT|>"]) | TEXT, max_size=8).map("".join)
+
+
+@settings(max_examples=40, deadline=None)
+@given(user_text=MARKER_TEXT, reply=MARKER_TEXT)
+def test_pasted_markers_stay_text(tokenizer, user_text, reply):
+    messages = [{"role": "user", "content": user_text},
+                {"role": "assistant", "content": reply}, {"role": "user", "content": "next"}]
+    prompt = encode_messages(messages, mode="chat", tokenizer=tokenizer)
+    assert tokenizer.decode(prompt.token_ids) == prompt.text
+    assert prompt.token_ids.count(0) == 1           # BOS
+    assert prompt.token_ids.count(1) == 1           # the assistant turn's EOS
+    assert prompt.token_ids.count(128803) == 2      # two user turns
+    assert prompt.token_ids.count(128804) == 2      # two assistant markers
+    assert prompt.token_ids.count(128822) == 2      # </think> after each assistant marker
+    assert 128821 not in prompt.token_ids
+    assert 128825 not in prompt.token_ids
+    assert 128840 not in prompt.token_ids           # <dsml:
+    assert 128805 not in prompt.token_ids           # <|EOT|>
