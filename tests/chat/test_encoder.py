@@ -257,3 +257,20 @@ def test_invalid_tools(tools, pattern):
 
 def test_chat_format_error_is_value_error():
     assert issubclass(ChatFormatError, ValueError)
+
+
+def test_tool_choice_none_keeps_reasoning():
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "reasoning_content": "R1", "content": "A1"},
+                {"role": "user", "content": "b"}]
+    text = encode(messages, [tool("f")], tool_choice="none")
+    assert "## Tools" not in text
+    assert text == (f"{BOS}<｜User｜>a<｜Assistant｜><think>R1</think>A1<｜end▁of▁sentence｜>"
+                    "<｜User｜>b<｜Assistant｜><think>")
+
+
+def test_input_messages_not_modified():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "x"}]
+    snapshot = [dict(m) for m in messages]
+    encode(messages, [tool("f")], response_format={"type": "json_object"})
+    assert messages == snapshot

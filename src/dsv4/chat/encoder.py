@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from dsv4.chat.dsml import Piece, render_tool_calls, to_json
-from dsv4.chat.effort import effort_prefix
+from dsv4.chat.effort import effort_prefix, resolve_effort
 from dsv4.chat.errors import ChatFormatError
 from dsv4.chat.messages import Turn, merge_tool_results, validate_messages, validate_tools
 from dsv4.chat.templates import RESPONSE_FORMAT_HEAD, tools_block_parts
@@ -84,6 +83,48 @@ def _system_extras(turn: Turn) -> list[Piece]:
     return pieces
 
 
+def _render_body(turn: Turn, previous: Turn | None, show_reasoning: bool) -> list[Piece]:
+    """Render one turn without what follows it (the assistant marker comes from the turn before)."""
+    if turn.role == "system":
+        return [(turn.content, False), *_system_extras(turn)]
+    if turn.role == "developer":
+        return [(USER, True), (turn.content, False), *_system_extras(turn)]
+    if turn.role == "latest_reminder":
+        return [(LATEST_REMINDER, True), (turn.content, False)]
+    pieces: list[Piece] = []
+    if turn.role == "user":
+        for k, block in enumerate(turn.blocks):
+            pieces.append((USER if k == 0 else "\n\n", True))
+            if block.kind == "tool_result":
+                pieces += [("<tool_result>", True), (block.text, False), ("</tool_result>", True)]
+            else:
+                pieces.append((block.text, False))
+        return pieces
+
+    # Assistant. The output of a quick-instruction task never has reasoning.
+    after_task = previous is not None and previous.task is not None
+    if show_reasoning and not after_task:
+        pieces += [(turn.reasoning or "", False), (THINK_END, True)]
+    pieces.append((turn.content, False))
+    if turn.tool_calls:
+        pieces += render_tool_calls([(c.name, c.arguments) for c in turn.tool_calls])
+    if not turn.without_eos:
+        pieces.append((EOS, True))
+    return pieces
+
+
+def _transition(turn: Turn, open_thinking: bool) -> list[Piece]:
+    """Return what follows `turn` when the next turn is the model's (or the prompt ends)."""
+    think_marker = THINK_START if open_thinking else THINK_END
+    if turn.task == "action":
+        return [(ASSISTANT + think_marker + TASK_TOKENS["action"], True)]
+    if turn.task is not None:
+        return [(TASK_TOKENS[turn.task], True)]
+    if turn.role in ("user", "developer"):
+        return [(ASSISTANT + think_marker, True)]
+    return []
+
+
 def _render_turns(turns: list[Turn], thinking: bool, keep_all_reasoning: bool,
                   add_generation_prompt: bool) -> list[Piece]:
     last_user = max((k for k, t in enumerate(turns) if t.role in ("user", "developer")),
@@ -91,43 +132,15 @@ def _render_turns(turns: list[Turn], thinking: bool, keep_all_reasoning: bool,
     pieces: list[Piece] = []
     for i, turn in enumerate(turns):
         previous = turns[i - 1] if i else None
-        if turn.role == "system":
-            pieces += [(turn.content, False), *_system_extras(turn)]
-        elif turn.role == "developer":
-            pieces += [(USER, True), (turn.content, False), *_system_extras(turn)]
-        elif turn.role == "latest_reminder":
-            pieces += [(LATEST_REMINDER, True), (turn.content, False)]
-        elif turn.role == "user":
-            for k, block in enumerate(turn.blocks):
-                pieces.append((USER if k == 0 else "\n\n", True))
-                if block.kind == "tool_result":
-                    pieces += [("<tool_result>", True), (block.text, False),
-                               ("</tool_result>", True)]
-                else:
-                    pieces.append((block.text, False))
-        elif turn.role == "assistant":
-            after_task = previous is not None and previous.task is not None
-            if thinking and not after_task and (keep_all_reasoning or i > last_user):
-                pieces += [(turn.reasoning or "", False), (THINK_END, True)]
-            pieces.append((turn.content, False))
-            if turn.tool_calls:
-                pieces += render_tool_calls([(c.name, c.arguments) for c in turn.tool_calls])
-            if not turn.without_eos:
-                pieces.append((EOS, True))
+        show_reasoning = thinking and (keep_all_reasoning or i > last_user)
+        pieces += _render_body(turn, previous, show_reasoning)
 
         following = turns[i + 1] if i + 1 < len(turns) else None
         if following is None and not add_generation_prompt:
             continue
         if following is not None and following.role not in ("assistant", "latest_reminder"):
             continue
-        open_thinking = thinking and (keep_all_reasoning or i >= last_user)
-        think_marker = THINK_START if open_thinking else THINK_END
-        if turn.task == "action":
-            pieces += [(ASSISTANT + think_marker + TASK_TOKENS["action"], True)]
-        elif turn.task is not None:
-            pieces.append((TASK_TOKENS[turn.task], True))
-        elif turn.role in ("user", "developer"):
-            pieces.append((ASSISTANT + think_marker, True))
+        pieces += _transition(turn, thinking and (keep_all_reasoning or i >= last_user))
     return pieces
 
 
@@ -195,21 +208,20 @@ def encode_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     if mode not in MODES:
         raise ChatFormatError(f"mode: invalid value {mode!r}; expected 'thinking' or 'chat'")
     thinking = mode == "thinking"
+    resolve_effort(reasoning_effort, family)  # reject an invalid name in chat mode too
     prefix = effort_prefix(reasoning_effort, family) if thinking else ""
-    if not thinking:
-        effort_prefix(reasoning_effort, family)  # still reject an invalid effort name
     render_tools = _check_tool_choice(tool_choice, mode)
     if tools is not None:
         validate_tools(tools, "tools")
-    if not render_tools:
-        tools = None
     messages = _attach_request_fields(messages, tools or None, response_format)
 
-    turns = merge_tool_results(validate_messages(copy.deepcopy(messages)))
+    turns = merge_tool_results(validate_messages(messages))
+    # Reasoning is kept whenever the request declares tools, even with tool_choice="none", so
+    # the history renders the same whatever the tool choice of a turn.
+    keep_all_reasoning = not drop_thinking or any(t.tools for t in turns)
     if not render_tools:
         for turn in turns:
             turn.tools = None
-    keep_all_reasoning = not drop_thinking or any(t.tools for t in turns)
     if thinking and not keep_all_reasoning:
         turns = _drop_old_reasoning(turns)
 
