@@ -8,25 +8,30 @@ from dsv4.model.loading import build_from_tensors, load_model
 
 TOLERANCE = 1e-4
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
+
 
 def max_error_per_position(logits, expected):
     return (logits - expected).abs().amax(-1)[0]  # [S]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mix16", "flash16"])
-def test_plain_numerics_match_reference_code(fixture_checkpoints, name):
+def test_plain_numerics_match_reference_code(fixture_checkpoints, name, device):
     fx = fixture_checkpoints(name)
-    model = load_model(fx.checkpoint, numerics="plain", dtype=torch.float32)
-    logits = model(fx.input_ids)
+    model = load_model(fx.checkpoint, numerics="plain", dtype=torch.float32, device=device)
+    logits = model(fx.input_ids.to(device)).cpu()
     error = max_error_per_position(logits, fx.logits["plain"])
     assert error.max().item() <= TOLERANCE
     assert torch.equal(logits.argmax(-1), fx.logits["plain"].argmax(-1))
 
 
-def test_reference_numerics_flash16(fixture_checkpoints):
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_numerics_flash16(fixture_checkpoints, device):
     fx = fixture_checkpoints("flash16")
-    model = load_model(fx.checkpoint, numerics="reference", dtype=torch.float32)
-    error = max_error_per_position(model(fx.input_ids), fx.logits["reference"])
+    model = load_model(fx.checkpoint, numerics="reference", dtype=torch.float32, device=device)
+    error = max_error_per_position(model(fx.input_ids.to(device)).cpu(), fx.logits["reference"])
     assert error.max().item() <= TOLERANCE
 
 
