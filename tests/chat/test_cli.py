@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_helpers import EOS, FIXTURES, dsml
+from support.chat_helpers import EOS, FIXTURES, dsml
 from dsv4.cli.main import main
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from chat_helpers import tool
+from support.chat_helpers import tool
 from dsv4.chat import ChatFormatError, encode_messages
 from dsv4.chat.templates import EFFORT_ABSOLUTE_MAXIMUM, EFFORT_BEYOND_MAXIMUM
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chat_helpers import FIXTURES
+from support.chat_helpers import FIXTURES
 from dsv4.chat import encode_messages, parse_completion
 
 OFFICIAL = {1: "thinking", 2: "thinking", 3: "thinking", 4: "chat"}

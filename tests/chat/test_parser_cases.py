@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chat_helpers import DSML, EOS, assert_split_invariant, dsml, run_parser, tool
+from support.chat_helpers import DSML, EOS, assert_split_invariant, dsml, run_parser, tool
 from dsv4.chat import (ContentDelta, MessageEnd, ParsedMessage, ParseError, ParseWarning,
                        StreamParser, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart,
                        parse_completion)

@@ -5,7 +5,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_helpers import DSML, EOS, assert_split_invariant, run_parser, tool
+from support.chat_helpers import DSML, EOS, assert_split_invariant, run_parser, tool
 from dsv4.chat import ParsedMessage, encode_messages, parse_completion
 
 # No letters that could spell a marker word (think, invoke, parameter, DSML), and no bars.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dsv4.chat import StreamParser, Tokenizer, coalesce_events
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "chat" / "fixtures"
 DSML = "｜DSML｜"
 EOS = "<｜end▁of▁sentence｜>"
 
