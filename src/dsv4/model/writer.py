@@ -104,12 +104,12 @@ def write_random_checkpoint(config: ModelConfig, out_dir: str | Path, *, seed: i
     ``out_dir`` must be missing or empty. Returns ``out_dir``.
     """
     out = Path(out_dir)
+    config = cut_config(config, num_layers, num_experts)
+    specs = expected_tensors(config)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty; choose a new or empty "
                               "directory")
     out.mkdir(parents=True, exist_ok=True)
-    config = cut_config(config, num_layers, num_experts)
-    specs = expected_tensors(config)
     shards = plan_shards(specs, max_shard_bytes)
     total = sum(spec.nbytes for spec in specs.values())
     logger.info("writing %d tensors (%.2f GiB) in %d shard(s) to %s", len(specs),
