@@ -20,7 +20,7 @@ from dsv4.config import ModelConfig
 
 from . import hf_names
 from .layout import SCALE_SUFFIX, TensorSpec, expected_tensors
-from .quant import dequantize_fp4, dequantize_fp8_blocks
+from .quant import UE8M0_NAN, dequantize_fp4, dequantize_fp8_blocks
 from .safetensors_io import SafetensorsError, SafetensorsFile, dtype_label
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,15 @@ class CheckpointError(ValueError):
 def describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     """Format a dtype and shape as ``F8_E4M3[128, 256]``."""
     return f"{dtype_label(dtype)}{list(shape)}"
+
+
+def _check_scale_bytes(scale: torch.Tensor, name: str, path: Path) -> None:
+    invalid = int((scale.view(torch.uint8) == UE8M0_NAN).sum())
+    if invalid:
+        raise CheckpointError(
+            f"scale tensor {name!r} in {path} contains {invalid} NaN byte(s) (255); a UE8M0 "
+            "scale byte b means 2**(b - 127) and must be 0..254. The shard is corrupt: "
+            "re-download or rewrite it")
 
 
 @dataclass(frozen=True)
@@ -150,9 +159,15 @@ class CheckpointReader:
         return source
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Return official tensor ``name`` as stored (a view of the memory-mapped shard)."""
+        """Return official tensor ``name`` as stored (a view of the memory-mapped shard).
+
+        UE8M0 scale tensors are checked on access (which reads them): a NaN byte (255) raises
+        CheckpointError naming the tensor and its file.
+        """
         source = self._source(name)
         stored = self._files[source.file].tensor(source.stored)
+        if stored.dtype == torch.float8_e8m0fnu:
+            _check_scale_bytes(stored, name, self.path / source.file)
         if source.expert is None:
             return stored
         expert = stored[source.expert]
@@ -202,7 +217,7 @@ class CheckpointReader:
             if name in self._sources:
                 problem = self._check_spec(name, spec)
             else:
-                problem = self._describe_missing(name, spec, expected)
+                problem = self._describe_missing(name, spec)
             if problem:
                 problems.append(problem)
         for name in self._sources:
@@ -233,8 +248,7 @@ class CheckpointReader:
         return (f"tensor {name!r} in {self.file_of(name)} has the wrong {wrong}: expected "
                 f"{describe(spec.dtype, spec.shape)}, found {describe(stored.dtype, stored.shape)}")
 
-    def _describe_missing(self, name: str, spec: TensorSpec,
-                          expected: dict[str, TensorSpec]) -> str:
+    def _describe_missing(self, name: str, spec: TensorSpec) -> str:
         if name.endswith(SCALE_SUFFIX):
             weight = name.removesuffix(SCALE_SUFFIX) + ".weight"
             if weight in self._sources:
