@@ -7,6 +7,9 @@ import torch
 
 from dsv4.model import quant
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
+
 E2M1_TABLE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
@@ -18,9 +21,10 @@ def e8m0(*exponents: int) -> torch.Tensor:
 
 # --- UE8M0 ---------------------------------------------------------------------------------
 
-def test_ue8m0_bytes_are_exponents():
-    raw = torch.tensor([127, 120, 0, 128, 254], dtype=torch.uint8)
-    values = quant.ue8m0_to_float(raw)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ue8m0_bytes_are_exponents(device):
+    raw = torch.tensor([127, 120, 0, 128, 254], dtype=torch.uint8, device=device)
+    values = quant.ue8m0_to_float(raw).cpu()
     assert values.dtype == torch.float32
     assert values[0].item() == 1.0
     assert values[1].item() == 2.0 ** -7
@@ -56,11 +60,12 @@ def test_fp8_decode_hand_made_bytes():
     assert values[0].tolist() == expected
 
 
-def test_fp8_block_scales_applied_per_tile():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_block_scales_applied_per_tile(device):
     # 130 x 260: 2 x 3 blocks, the last row and column blocks partial.
-    weight = torch.ones(130, 260).to(torch.float8_e4m3fn)
-    scale = e8m0(0, 1, 2, -1, -2, 3).view(2, 3)
-    values = quant.dequantize_fp8_blocks(weight, scale, torch.bfloat16)
+    weight = torch.ones(130, 260, device=device).to(torch.float8_e4m3fn)
+    scale = e8m0(0, 1, 2, -1, -2, 3).view(2, 3).to(device)
+    values = quant.dequantize_fp8_blocks(weight, scale, torch.bfloat16).cpu()
     assert values.shape == (130, 260)
     assert values.dtype == torch.bfloat16
     assert values[0, 0].item() == 1.0
@@ -77,7 +82,8 @@ def test_fp8_scale_shape_checked():
         quant.dequantize_fp8_blocks(weight, e8m0(0, 0).view(1, 2))
 
 
-def test_fp8_quantize_round_trip_exact_on_representable():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_quantize_round_trip_exact_on_representable(device):
     # Each tile contains e4m3 values times a power of two, so quantization must be lossless.
     torch.manual_seed(0)
     codes = torch.randint(0, 0x7F, (200, 300), dtype=torch.uint8)  # positive finite e4m3
@@ -91,12 +97,12 @@ def test_fp8_quantize_round_trip_exact_on_representable():
     signs = torch.where(torch.rand(200, 300) < 0.5, -1.0, 1.0)
     factors = torch.tensor([[2.0 ** -5, 1.0, 2.0 ** 3], [2.0 ** 2, 2.0 ** -8, 0.5]])
     weight = base * signs * factors.repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :300]
-    quantized, scale = quant.quantize_fp8_blocks(weight)
+    quantized, scale = quant.quantize_fp8_blocks(weight.to(device))
     assert quantized.dtype == torch.float8_e4m3fn
     assert scale.dtype == torch.float8_e8m0fnu
     assert scale.shape == (2, 3)
-    assert quant.ue8m0_to_float(scale).equal(factors)
-    assert torch.equal(quant.dequantize_fp8_blocks(quantized, scale), weight)
+    assert quant.ue8m0_to_float(scale).cpu().equal(factors)
+    assert torch.equal(quant.dequantize_fp8_blocks(quantized, scale).cpu(), weight)
 
 
 def test_fp8_block_scale_rounds_up_to_power_of_two():
@@ -119,11 +125,12 @@ def test_fp8_zero_block_gets_smallest_scale():
 
 # --- FP4 e2m1 ------------------------------------------------------------------------------
 
-def test_fp4_full_code_table():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp4_full_code_table(device):
     # Byte j contains code 2j in the low nibble and code 2j+1 in the high nibble.
     packed = torch.tensor([[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]],
-                          dtype=torch.uint8).view(torch.int8)
-    values = quant.unpack_fp4(packed)
+                          dtype=torch.uint8, device=device).view(torch.int8)
+    values = quant.unpack_fp4(packed).cpu()
     assert values.shape == (1, 16)
     assert values[0].tolist() == E2M1_TABLE
     assert torch.signbit(values[0, 8]).item()  # code 8 is -0.0
@@ -148,7 +155,8 @@ def test_fp4_dequantize_uses_group_scale():
     assert values[1, 63].item() == 2.0
 
 
-def test_fp4_quantize_round_trip_exact_on_representable():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp4_quantize_round_trip_exact_on_representable(device):
     torch.manual_seed(1)
     codes = torch.randint(0, 16, (8, 64))
     table = torch.tensor(E2M1_TABLE)
@@ -157,19 +165,21 @@ def test_fp4_quantize_round_trip_exact_on_representable():
     values[:, 32] = -6.0
     factors = torch.tensor([2.0 ** -3, 4.0]).repeat_interleave(32)
     weight = values * factors
-    packed, scale = quant.quantize_fp4(weight)
+    packed, scale = quant.quantize_fp4(weight.to(device))
     assert packed.dtype == torch.int8
     assert packed.shape == (8, 32)
     assert scale.shape == (8, 2)
-    assert torch.equal(quant.dequantize_fp4(packed, scale), weight)
+    assert torch.equal(quant.dequantize_fp4(packed, scale).cpu(), weight)
 
 
-def test_fp4_ties_round_to_even():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp4_ties_round_to_even(device):
     midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     expected = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
-    rounded = quant.fp4_round_trip(torch.cat([midpoints, torch.zeros(24), torch.tensor([6.0])]))
+    block = torch.cat([midpoints, torch.zeros(24), torch.tensor([6.0])]).to(device)
+    rounded = quant.fp4_round_trip(block).cpu()
     assert rounded[:7].tolist() == expected
-    negative = quant.fp4_round_trip(-torch.cat([midpoints, torch.zeros(24), torch.tensor([6.0])]))
+    negative = quant.fp4_round_trip(-block).cpu()
     assert negative[:7].tolist() == [-v for v in expected]
 
 
@@ -204,13 +214,14 @@ def test_fp4_round_trip_tiny_block_uses_floor():
 
 # --- FP8 activation round trip -------------------------------------------------------------
 
-def test_fp8_round_trip_scale_and_rounding():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_round_trip_scale_and_rounding(device):
     x = torch.zeros(2, 8)
     x[0, :4] = torch.tensor([448.0, 1.0, 17.0, -3.0])  # scale 1: 17 rounds to 16 (ties even)
     # amax/448 = 2.01 -> scale 4. Then 900/4 = 225 -> 224, 2^-9/4 is below half the smallest
     # subnormal (2^-9) -> 0, and 1.5 * 2^-9 ties between subnormal codes 1 and 2 -> code 2.
     x[1, :4] = torch.tensor([900.0, 2.0 ** -9, 1.5 * 2.0 ** -7, 0.0])
-    out = quant.fp8_round_trip(x, block=4)
+    out = quant.fp8_round_trip(x.to(device), block=4).cpu()
     assert out[0, :4].tolist() == [448.0, 1.0, 16.0, -3.0]
     assert out[1, :4].tolist() == [896.0, 0.0, 2.0 ** -6, 0.0]
     assert out[0, 4:].tolist() == [0.0] * 4  # all-zero block stays zero
@@ -240,9 +251,10 @@ def test_fp8_quantize_activation_scales():
 
 # --- Hadamard ------------------------------------------------------------------------------
 
-def test_hadamard_four_dims_by_hand():
-    # H4 rows: ++++, +-+-, ++--, +--+ ; divided by 2.
-    out = quant.hadamard(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+@pytest.mark.parametrize("device", DEVICES)
+def test_hadamard_four_dims_by_hand(device):
+    # H4 rows: ++++, +-+-, ++--, +--+, divided by 2.
+    out = quant.hadamard(torch.tensor([1.0, 2.0, 3.0, 4.0], device=device)).cpu()
     assert out.tolist() == [5.0, -1.0, -2.0, 0.0]
 
 
