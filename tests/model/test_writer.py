@@ -15,7 +15,9 @@ from dsv4.model.checkpoint import INDEX_FILE, CheckpointReader
 from dsv4.model.random_weights import sample_fp4
 from dsv4.model.quant import dequantize_fp4
 from dsv4.model.safetensors_io import SafetensorsFile
-from dsv4.model.writer import (cut_config, ensure_tiny_checkpoint, write_random_checkpoint)
+from dsv4.model.layout import expected_tensors
+from dsv4.model.writer import (cut_config, ensure_tiny_checkpoint, plan_shards,
+                               write_random_checkpoint)
 
 
 def small_config() -> ModelConfig:
@@ -111,6 +113,22 @@ def test_writer_shards_and_index(tmp_path):
         if name.endswith(".scale"):
             assert index["weight_map"][name.removesuffix(".scale") + ".weight"] == shard_name
     CheckpointReader(out).validate()
+
+
+def test_plan_shards_limits_and_units():
+    specs = expected_tensors(cut_config(small_config(), num_experts=2))
+    limit = 300_000  # below the 512 x 256 bf16 embedding (262,144 bytes) plus the next unit
+    shards = plan_shards(specs, limit)
+    assert sorted(n for shard in shards for n in shard) == sorted(specs)
+    for shard in shards:
+        size = sum(specs[n].nbytes for n in shard)
+        assert size <= limit or len({n.removesuffix(".scale").removesuffix(".weight")
+                                     for n in shard}) == 1
+        itemsizes = [specs[n].dtype.itemsize for n in shard]
+        assert itemsizes == sorted(itemsizes, reverse=True)
+    oversized = plan_shards(specs, 1)  # every unit gets its own shard
+    assert ["layers.0.attn.wq_a.weight", "layers.0.attn.wq_a.scale"] in oversized
+    assert ["embed.weight"] in oversized
 
 
 def test_writer_value_ranges(written):

@@ -5,7 +5,8 @@ name, so a tensor's values do not depend on the order or sharding in which tenso
 
 Distributions by official name:
 
-* linear weights N(0, fan_in**-0.5) before quantization (FP8 and bf16 storage);
+* linear weights N(0, fan_in**-0.5) before quantization (FP8 and bf16 storage); FP4 routed
+  experts get e2m1 codes drawn directly with the same overall std (see ``sample_fp4``);
 * RMSNorm weights 1 + N(0, 0.05), attention sinks N(0, 1), compressor ``ape`` N(0, 0.5);
 * ``hc_*_fn`` N(0, 0.05 / sqrt(fan_in)), ``hc_*_base`` N(0, 0.5), ``hc_*_scale`` 0.5 + U(0, 0.5);
 * router bias N(0, 0.1), ``tid2eid`` distinct random experts per row;
