@@ -221,3 +221,14 @@ def test_ensure_tiny_checkpoint_cached(tmp_path, monkeypatch):
     assert ensure_tiny_checkpoint() == path
     assert os.stat(path / INDEX_FILE).st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging directory left
+
+
+def test_written_checkpoint_forward_is_order_one(written):
+    from dsv4.model.loading import load_model
+
+    model = load_model(written, numerics="plain", dtype=torch.float32)
+    input_ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids)  # [1, 40, 512]
+    assert bool(torch.isfinite(logits).all())
+    assert 0.5 < float(logits.std()) < 2.0
+    assert float(logits[0, 0].sub(logits[0, 1]).abs().max()) > 0.1  # positions differ
