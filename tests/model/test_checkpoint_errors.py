@@ -232,6 +232,8 @@ def test_error_nan_scale_named(checkpoint):
         reader.tensor("layers.0.attn.wq_a.scale")
     with pytest.raises(CheckpointError, match=pattern):
         reader.dequantized("layers.0.attn.wq_a.weight")
+    unchecked = CheckpointReader(checkpoint, check_scales=False)
+    assert unchecked.tensor("layers.0.attn.wq_a.scale").view(torch.uint8).tolist() == [[255, 255]]
 
 
 def test_error_lists_every_problem(checkpoint):
