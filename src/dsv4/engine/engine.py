@@ -99,6 +99,7 @@ class LLMEngine:
         self._sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._prefixes: snapshot.PrefixCache | None = None
+        self._aborted: list[RequestOutput] = []  # reported by the next step()
         self.cache_hit_tokens = 0
 
     # ------------------------------------------------------------------ requests
@@ -133,11 +134,14 @@ class LLMEngine:
         sequence.finish_reason = "abort"
         if self.drafter is not None:
             self.drafter.forget(request_id)
+        self._aborted.append(RequestOutput(request_id, [], None, True, "abort", sequence.num_prompt,
+                                           len(sequence.output), sequence.cached_tokens,
+                                           list(sequence.output)))
         logger.info("aborted request %s after %d tokens", request_id, len(sequence.output))
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     # ------------------------------------------------------------------ prefix snapshots
 
@@ -184,7 +188,8 @@ class LLMEngine:
                 chunk.length = min(chunk.length, sequence.num_prompt - sequence.num_computed)
         items, rollbacks = self._build_items(chunks)
         results = self.runner.run(items)
-        return self._postprocess(chunks, items, results, rollbacks)
+        aborted, self._aborted = self._aborted, []
+        return aborted + self._postprocess(chunks, items, results, rollbacks)
 
     def _build_items(self, chunks: list[ScheduledChunk]):
         items, rollbacks = [], []

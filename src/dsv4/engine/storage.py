@@ -78,6 +78,8 @@ class DeploymentKVStore(_Rows):
 
     def append(self, rows: torch.Tensor) -> None:
         target = self._claim(rows.shape[0])
+        if rows.shape[0] == 0:
+            return
         quantized, scale = quant.fp8_quantize_activation(rows[:, : self.nope], FP8_BLOCK)
         self.values[target] = quantized.to(torch.float8_e4m3fn)  # exact: already e4m3 values
         self.scales[target] = quant.float_to_ue8m0(quant.ceil_log2(scale)).view(torch.uint8)
@@ -86,7 +88,7 @@ class DeploymentKVStore(_Rows):
     def view(self, dtype: torch.dtype) -> torch.Tensor:
         n = self.length
         scale = quant.ue8m0_to_float(self.scales[:n])  # [n, nope / 64]
-        blocks = self.values[:n].float().view(n, -1, FP8_BLOCK) * scale.unsqueeze(-1)
+        blocks = self.values[:n].float().view(n, self.nope // FP8_BLOCK, FP8_BLOCK) * scale.unsqueeze(-1)
         return torch.cat((blocks.view(n, self.nope), self.rope[:n].float()), dim=-1).to(dtype)
 
     def nbytes(self) -> int:
