@@ -144,3 +144,38 @@ def test_state_dict_rejects_incomplete_experts():
     del tensors["layers.0.ffn.experts.1.w2.weight"]
     with pytest.raises(ValueError, match="w2 are incomplete"):
         hf_names.to_transformers_state_dict(tensors)
+
+
+def test_reader_loads_save_pretrained(mapped_model, tmp_path):
+    from dsv4.model.checkpoint import CheckpointReader
+
+    config, model, tensors, state = mapped_model
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path)
+    assert reader.naming == "transformers"
+    assert reader.config == config.replace(weight_dtype="bf16", expert_dtype="bf16")
+    reader.validate()
+    official = [n for n in tensors if not n.startswith("mtp.")]
+    assert sorted(reader.names()) == sorted(official)
+    for name in official:
+        assert torch.equal(reader.tensor(name).to(tensors[name].dtype), tensors[name]), name
+
+
+def test_config_from_transformers_round_trip():
+    for preset in ("test-mix", "tiny", "flash", "pro"):
+        config = load_preset(preset).replace(weight_dtype="bf16", expert_dtype="bf16")
+        raw = hf_names.to_transformers_config(config).to_dict()
+        assert hf_names.is_transformers_config(raw)
+        assert hf_names.config_from_transformers(raw) == config, preset
+
+
+def test_config_from_transformers_rejects_bad_layer_types():
+    raw = hf_names.to_transformers_config(load_preset("test-mix")).to_dict()
+    raw["layer_types"][1] = "full_attention"
+    with pytest.raises(ValueError, match="layer_types must list"):
+        hf_names.config_from_transformers(raw, source="cfg.json")
+    raw = hf_names.to_transformers_config(load_preset("test-mix")).to_dict()
+    raw["mlp_layer_types"] = ["moe", "hash_moe", "moe", "moe"]
+    with pytest.raises(ValueError, match="hash_moe layers must come first"):
+        hf_names.config_from_transformers(raw, source="cfg.json")

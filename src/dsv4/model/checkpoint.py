@@ -74,7 +74,7 @@ class CheckpointReader:
         self.check_scales = check_scales
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
-        self.config = ModelConfig.from_file(self.path / "config.json")
+        self.config = self._read_config()
         weight_map = self._read_weight_map()
         self._files = self._open_files(weight_map)
         self.naming = ("transformers" if any(hf_names.is_transformers_name(n) for n in weight_map)
@@ -85,6 +85,17 @@ class CheckpointReader:
             self._add_source(stored, file_name)
 
     # ------------------------------------------------------------------ opening
+
+    def _read_config(self) -> ModelConfig:
+        """Load ``config.json`` in the released naming or in transformers' naming."""
+        path = self.path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raw = None  # ModelConfig.from_file raises the error that names the problem
+        if hf_names.is_transformers_config(raw):
+            return hf_names.config_from_transformers(raw, source=str(path))
+        return ModelConfig.from_file(path)
 
     def _read_weight_map(self) -> dict[str, str]:
         index_path = self.path / INDEX_FILE

@@ -12,12 +12,14 @@ renames them on load. Differences beyond renames:
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import TYPE_CHECKING, Mapping
+from itertools import dropwhile
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from dsv4.config import ModelConfig
+from dsv4.config import ConfigError, ModelConfig, RopeScaling
 
 if TYPE_CHECKING:
     from transformers import DeepseekV4Config
@@ -70,6 +72,8 @@ _IN_LAYER = {
 }
 
 _TOP_LEVEL_INVERSE = {hf: official for official, hf in _TOP_LEVEL.items()}
+# In-layer names that save_pretrained writes differently from the official ones.
+_SAVED_IN_LAYER = {"attn.norm.weight": "attn.kv_norm.weight"}
 _IN_LAYER_INVERSE = {hf: official for official, hf in _IN_LAYER.items()}
 
 _OFFICIAL_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -104,14 +108,25 @@ def official_to_transformers(name: str) -> str | None:
 def transformers_to_official(name: str) -> str:
     """Return the official name of a one-to-one transformers tensor name.
 
-    Raises ``KeyError`` for unknown names and for the stacked expert tensors, which contain many
-    official tensors (see ``split_stacked_name``).
+    Accepts the module names of a loaded ``DeepseekV4ForCausalLM`` and the names its
+    ``save_pretrained`` writes (transformers 5.23 reverts its renames inside the layers but
+    keeps the ``model.`` prefix, and writes the attention ``kv_norm`` as ``attn.norm``).
+    Raises ``KeyError`` for unknown names and for the stacked expert tensors, which contain
+    many official tensors (see ``split_stacked_name``).
     """
     if name in _TOP_LEVEL_INVERSE:
         return _TOP_LEVEL_INVERSE[name]
+    if name in _TOP_LEVEL:
+        return name  # save_pretrained writes the head under its official name
     match = _HF_LAYER.match(name)
-    if match and match.group(2) in _IN_LAYER_INVERSE:
-        return f"layers.{match.group(1)}.{_IN_LAYER_INVERSE[match.group(2)]}"
+    if match:
+        layer, rest = match.groups()
+        if rest in _IN_LAYER_INVERSE:
+            return f"layers.{layer}.{_IN_LAYER_INVERSE[rest]}"
+        rest = _SAVED_IN_LAYER.get(rest, rest)
+        official = f"layers.{layer}.{rest}"
+        if rest in _IN_LAYER or _OFFICIAL_EXPERT.match(official):
+            return official
     if _HF_STACKED.match(name):
         raise KeyError(f"{name!r} stacks every routed expert of a layer, so it has no single "
                        "official name")
@@ -230,3 +245,73 @@ def to_transformers_config(config: ModelConfig) -> "DeepseekV4Config":
             "beta_slow": rope.beta_slow,
         },
     )
+
+
+# transformers attention type -> key of its compress_rates (sliding layers compress nothing).
+_COMPRESSED_TYPES = ("compressed_sparse_attention", "heavily_compressed_attention")
+# ModelConfig fields that a transformers config does not carry under the same name.
+_DERIVED_FIELDS = {"compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_theta",
+                   "compress_rope_theta", "rope_scaling", "weight_dtype", "expert_dtype"}
+
+
+def config_from_transformers(raw: dict[str, Any], *, source: str = "<dict>") -> ModelConfig:
+    """Build a ModelConfig from a ``DeepseekV4Config`` dict (a transformers ``config.json``).
+
+    ``layer_types`` with ``compress_rates`` become ``compress_ratios`` (plus one sliding entry
+    per MTP block), the leading ``hash_moe`` entries of ``mlp_layer_types`` give
+    ``num_hash_layers``, and the ``main``/``compress`` RoPE parameters give the two bases and
+    the YaRN settings. Without a ``quantization_config`` the weights are unquantized.
+    """
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128,
+             **(raw.get("compress_rates") or {})}
+    ratio_of = {"sliding_attention": 0, **{kind: int(rates[kind]) for kind in _COMPRESSED_TYPES}}
+    layer_types = raw.get("layer_types")
+    if not isinstance(layer_types, list) or any(t not in ratio_of for t in layer_types):
+        raise ConfigError(f"{source}: layer_types must list {sorted(ratio_of)}, got {layer_types!r}")
+    mtp_blocks = int(raw.get("num_nextn_predict_layers", 1))
+    mlp_types = list(raw.get("mlp_layer_types") or [])
+    hash_layers = len(mlp_types) - len(list(dropwhile(lambda t: t == "hash_moe", mlp_types)))
+    if "hash_moe" in mlp_types[hash_layers:]:
+        raise ConfigError(f"{source}: hash_moe layers must come first in mlp_layer_types, got "
+                          f"{mlp_types}")
+
+    values: dict[str, Any] = {f.name: raw[f.name] for f in dataclasses.fields(ModelConfig)
+                              if f.name in raw and f.name not in _DERIVED_FIELDS}
+    values["compress_ratios"] = tuple(ratio_of[t] for t in layer_types) + (0,) * mtp_blocks
+    values["num_nextn_predict_layers"] = mtp_blocks
+    values["num_hash_layers"] = hash_layers
+    head_dim = raw.get("head_dim", 0)
+    values["qk_rope_head_dim"] = int(raw.get("qk_rope_head_dim")
+                                     or round(head_dim * raw.get("partial_rotary_factor", 0)))
+    rope = raw.get("rope_parameters") or {}
+    main, compress = rope.get("main") or {}, rope.get("compress") or {}
+    values["rope_theta"] = float(main.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    values["compress_rope_theta"] = float(
+        compress.get("rope_theta", raw.get("compress_rope_theta", 160000.0)))
+    if compress.get("rope_type") == "yarn":
+        values["rope_scaling"] = RopeScaling(
+            factor=float(compress["factor"]),
+            original_max_position_embeddings=int(compress["original_max_position_embeddings"]),
+            beta_fast=float(compress.get("beta_fast", 32.0)),
+            beta_slow=float(compress.get("beta_slow", 1.0)))
+    quantization = raw.get("quantization_config")
+    if quantization:
+        values["weight_dtype"] = "fp8"
+        values["expert_dtype"] = quantization.get("expert_dtype") or raw.get("expert_dtype") or "fp4"
+    else:
+        values["weight_dtype"] = values["expert_dtype"] = "bf16"
+
+    required = [f.name for f in dataclasses.fields(ModelConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{source}: missing config keys {missing} (transformers naming)")
+    try:
+        return ModelConfig(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def is_transformers_config(raw: object) -> bool:
+    """Tell a transformers ``config.json`` (``layer_types``) from the released one."""
+    return isinstance(raw, dict) and "layer_types" in raw and "compress_ratios" not in raw
