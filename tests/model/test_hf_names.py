@@ -154,7 +154,9 @@ def test_reader_loads_save_pretrained(mapped_model, tmp_path):
     model.save_pretrained(tmp_path)
     reader = CheckpointReader(tmp_path)
     assert reader.naming == "transformers"
-    assert reader.config == config.replace(weight_dtype="bf16", expert_dtype="bf16")
+    assert reader.config == config.replace(weight_dtype="bf16", expert_dtype="bf16",
+                                           num_nextn_predict_layers=0,
+                                           compress_ratios=config.layer_ratios)
     reader.validate()
     official = [n for n in tensors if not n.startswith("mtp.")]
     assert sorted(reader.names()) == sorted(official)
@@ -179,3 +181,26 @@ def test_config_from_transformers_rejects_bad_layer_types():
     raw["mlp_layer_types"] = ["moe", "hash_moe", "moe", "moe"]
     with pytest.raises(ValueError, match="hash_moe layers must come first"):
         hf_names.config_from_transformers(raw, source="cfg.json")
+
+
+def test_saved_transformers_export_runs_like_transformers(tmp_path):
+    from dsv4.model.checkpoint import CheckpointReader
+    from dsv4.model.loading import load_model
+    from dsv4.model.writer import write_random_checkpoint
+
+    official = write_random_checkpoint(load_preset("test-mix"), tmp_path / "official",
+                                       progress=False)
+    reader = CheckpointReader(official)
+    dequantized = {name: reader.tensor(name).clone() if name.endswith("tid2eid")
+                   else reader.dequantized(name)
+                   for name in reader.names() if not name.endswith(".scale")}
+    hf_model = transformers.DeepseekV4ForCausalLM(hf_names.to_transformers_config(reader.config))
+    hf_model.float().eval()
+    hf_model.load_state_dict(hf_names.to_transformers_state_dict(dequantized), strict=True)
+    hf_model.save_pretrained(tmp_path / "export")
+
+    input_ids = torch.randint(0, 512, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf_model(input_ids).logits  # [1, 37, 512]
+    logits = load_model(tmp_path / "export", numerics="plain", dtype=torch.float32)(input_ids)
+    assert float((logits - expected).abs().max()) <= 1e-4

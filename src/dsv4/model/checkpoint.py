@@ -83,6 +83,10 @@ class CheckpointReader:
         self._unknown: dict[str, str] = {}  # stored name without an official name -> file
         for stored, file_name in weight_map.items():
             self._add_source(stored, file_name)
+        if self.naming == "transformers" and not any(n.startswith("mtp.") for n in self._sources):
+            # transformers has no MTP block, so its exports carry none: describe what is there.
+            self.config = self.config.replace(num_nextn_predict_layers=0,
+                                              compress_ratios=self.config.layer_ratios)
 
     # ------------------------------------------------------------------ opening
 
@@ -221,14 +225,15 @@ class CheckpointReader:
         """Check every tensor against ``expected_tensors(config)``; raise CheckpointError if not.
 
         The error lists each missing, unexpected, mis-shaped or mis-typed tensor with its file
-        and the expected and stored shape/dtype. With transformers names, ``mtp.*`` and scale
-        tensors are not expected (transformers keeps neither) and float tensors may be stored
-        in any of fp32, bf16 or fp16.
+        and the expected and stored shape/dtype. With transformers names, scale tensors are
+        not expected and float tensors may be stored in any of fp32, bf16 or fp16, because
+        transformers keeps weights dequantized. Its exports have no MTP block, so the reader's
+        config then has ``num_nextn_predict_layers = 0``.
         """
         expected = expected_tensors(self.config)
         if self.naming == "transformers":
             expected = {name: spec for name, spec in expected.items()
-                        if not name.startswith("mtp.") and not name.endswith(SCALE_SUFFIX)}
+                        if not name.endswith(SCALE_SUFFIX)}
         problems: list[str] = []
         for name, spec in expected.items():
             if name in self._sources:
