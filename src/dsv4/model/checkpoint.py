@@ -2,9 +2,10 @@
 
 A checkpoint directory contains ``config.json`` and either ``model.safetensors.index.json`` with
 its shards or a single ``model.safetensors``. Shards are memory-mapped: ``tensor(name)`` returns
-the stored tensor (FP8, packed FP4 and UE8M0 scales stay as stored) without reading the data,
-and nothing is converted to bf16. Tensor names may be DeepSeek's official names or the names of
-transformers' ``DeepseekV4ForCausalLM``; the reader always takes official names.
+the stored tensor (FP8, packed FP4 and UE8M0 scales stay as stored) as a view of the mapping,
+and nothing is converted to bf16. Only scale tensors are read at once, to reject NaN bytes.
+Tensor names may be DeepSeek's official names or those of transformers'
+``DeepseekV4ForCausalLM`` (loaded or saved), and the reader always takes official names.
 """
 
 from __future__ import annotations
