@@ -15,7 +15,7 @@ def test_released_entry_sizes():
     assert (kv, key) == (583, 68)
 
 
-def test_hca_pending_state_is_512_kib_at_flash_size():
+def test_flash_hca_pending_bytes():
     assert pending_bytes(load_preset("flash"), 128) == 512 * 1024
 
 

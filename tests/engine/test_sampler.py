@@ -27,7 +27,7 @@ def test_seed_reproduces_tokens_regardless_of_batch(engine_factory):
     assert alone == batched
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(engine_factory):
+def test_narrow_filters_equal_greedy(engine_factory):
     greedy = engine_factory().generate([prompt()], SamplingParams(max_tokens=5))[0].token_ids
     top_k = engine_factory().generate([prompt()], SamplingParams(max_tokens=5, temperature=1.5, top_k=1,
                                                                 seed=0))[0].token_ids

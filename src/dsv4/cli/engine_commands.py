@@ -162,7 +162,7 @@ def run_chat(args) -> int:
     model = _load(args)
     engine = LLMEngine(model, detokenize=tokenizer.decode)
     if args.model == "tiny":
-        print("(tiny has random weights: it shows the machinery, not answers)", file=sys.stderr)
+        print("(tiny has random weights: its replies are noise that shows the machinery works)", file=sys.stderr)
     messages: list[dict] = []
     while True:
         try:

@@ -46,7 +46,7 @@ class StorageFormat:
 
 def float_format(config: ModelConfig, element_bytes: int, window_element_bytes: int | None = None,
                  name: str = "float") -> StorageFormat:
-    """Every vector stored unquantized with ``element_bytes`` per value (2 for bf16, 4 for fp32)."""
+    """Return the format that stores every vector unquantized, ``element_bytes`` per value."""
     window_bytes = window_element_bytes or element_bytes
     return StorageFormat(name, config.head_dim * element_bytes, config.index_head_dim * element_bytes,
                          config.head_dim * window_bytes)
@@ -68,7 +68,8 @@ def deployment_entry_bytes(config: ModelConfig, rope_element_bytes: int = 2) -> 
 
 def deployment_format(config: ModelConfig, rope_element_bytes: int = 2,
                       window_entry_bytes: int | None = None) -> StorageFormat:
-    """The deployment format; the window ring is stored like a KV entry unless told otherwise."""
+    """Return the deployment format. The window ring is stored like a KV entry unless
+    ``window_entry_bytes`` is given."""
     kv, key = deployment_entry_bytes(config, rope_element_bytes)
     return StorageFormat("deployment", kv, key, window_entry_bytes if window_entry_bytes is not None else kv)
 
@@ -110,7 +111,9 @@ def layer_costs(config: ModelConfig, fmt: StorageFormat, include_mtp: bool = Tru
         costs.append(LayerCost(kind, ratio, window + pending_bytes(config, ratio), entry))
     if include_mtp:
         for ratio in config.mtp_ratios:
-            entry = fmt.kv_entry + (fmt.index_key if ratio == 4 else 0) if ratio else 0
+            entry = 0
+            if ratio:
+                entry = fmt.kv_entry + (fmt.index_key if ratio == 4 else 0)
             costs.append(LayerCost("mtp", ratio, window + pending_bytes(config, ratio), entry))
     return costs
 
@@ -128,7 +131,7 @@ def reserved_entries(context: int, ratio: int, block_entries: int) -> int:
 
 def sequence_bytes(config: ModelConfig, fmt: StorageFormat, context: int, block_entries: int = 1,
                    include_mtp: bool = True) -> dict[str, int]:
-    """Bytes one sequence holds at ``context`` tokens, per layer kind.
+    """Return the bytes one sequence allocates at ``context`` tokens, per layer kind.
 
     With ``block_entries`` > 1 the entries are counted in whole reserved blocks, which is what
     the engine allocates.
@@ -141,7 +144,7 @@ def sequence_bytes(config: ModelConfig, fmt: StorageFormat, context: int, block_
 
 
 class CacheFullError(RuntimeError):
-    """A request needs more cache bytes than the engine may ever hold."""
+    """Error raised when a request needs more cache bytes than the budget allows."""
 
 
 @dataclass
@@ -159,7 +162,7 @@ class CacheManager:
     """Admission and accounting of per-sequence cache memory under a byte budget.
 
     A request reserves the bytes of its maximum context (prompt + max new tokens) when it is
-    admitted, so a running sequence can never run out of cache; ``release`` returns them.
+    admitted, so a running sequence never runs out of cache. ``release`` frees them.
     """
 
     def __init__(self, config: ModelConfig, fmt: StorageFormat, budget_bytes: int | None = None,
@@ -192,7 +195,7 @@ class CacheManager:
 
     def reserve(self, request_id: str, context: int) -> Reservation:
         if request_id in self._reservations:
-            raise ValueError(f"request {request_id!r} already holds a cache reservation")
+            raise ValueError(f"request {request_id!r} already has a cache reservation")
         if not self.can_reserve(context):
             raise CacheFullError(f"no cache room for request {request_id!r} ({context} tokens)")
         reservation = Reservation(request_id, context, self.bytes_for(context))

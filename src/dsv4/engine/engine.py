@@ -35,7 +35,7 @@ class EngineConfig:
 
 @dataclass
 class RequestOutput:
-    """What a request produced in one step (``new_*``) and its totals so far."""
+    """Progress of one request in one step (``new_*`` fields) and its totals so far."""
 
     request_id: str
     new_token_ids: list[int]

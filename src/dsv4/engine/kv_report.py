@@ -103,7 +103,7 @@ def kv_report(config: ModelConfig, context: int, config_name: str = "") -> KVRep
 
 
 def format_report(report: KVReport) -> str:
-    """A plain-text table of a report."""
+    """Render a report as a plain-text table."""
     gib = 1024 ** 3
     lines = [f"KV cache of {report.config_name or 'config'} at {report.context:,} tokens "
              f"(one sequence, MTP block excluded)",

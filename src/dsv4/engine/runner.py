@@ -51,7 +51,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ state
 
     def new_state(self, max_context: int) -> SequenceState:
-        """A fresh state whose entry stores preallocate the blocks of ``max_context`` tokens."""
+        """Allocate a state whose entry stores hold the blocks of ``max_context`` tokens."""
         c = self.config
         model = self.model
 
@@ -83,7 +83,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, items: list[RunItem]) -> list[RunResult]:
-        """One model call over every item's tokens, flattened in order."""
+        """Run every item's tokens in one model call, flattened in order."""
         if not items:
             return []
         token_ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long,
@@ -95,7 +95,7 @@ class ModelRunner:
             offset += len(item.token_ids)
         streams = self.model.forward_streams(token_ids, chunks)  # [T, hc, d]
 
-        # Logits only for the rows somebody samples from.
+        # Compute logits only for the rows the engine samples from.
         rows = [torch.arange(c.offset + item.logits_from, c.offset + c.length)
                 for c, item in zip(chunks, items)]
         flat_rows = torch.cat(rows).to(self.device)

@@ -82,7 +82,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from logits [V] float32."""
+    """Sample one token id from logits [V] float32."""
     if params.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)

@@ -131,13 +131,13 @@ class PrefixCache:
     def add(self, token_ids, state: SequenceState) -> Prefix:
         ids = tuple(int(t) for t in token_ids)
         if state.length != len(ids):
-            raise ValueError(f"state holds {state.length} tokens but the prefix has {len(ids)}")
+            raise ValueError(f"state length {state.length} does not match the prefix length {len(ids)}")
         prefix = Prefix(ids, capture(state))
         self._prefixes[ids] = prefix
         return prefix
 
     def longest_match(self, prompt: list[int]) -> Prefix | None:
-        """The longest stored prefix shorter than ``prompt`` that equals its start.
+        """Return the longest stored prefix shorter than ``prompt`` that equals its start.
 
         Shorter, because the last prompt token must still run to produce the first logits.
         """
@@ -187,7 +187,7 @@ _BUFFER_FIELDS = ("kv", "score", "prev_kv", "prev_score")
 
 
 def _flatten(copy: StateCopy) -> dict[str, torch.Tensor]:
-    """A state copy as named tensors, so that files load with ``weights_only=True``."""
+    """Convert a state copy to named tensors, so that files load with ``weights_only=True``."""
     out: dict[str, torch.Tensor] = {}
     for group, layers in (("layers", copy.layers), ("mtp", copy.mtp)):
         for i, layer in enumerate(layers):
