@@ -201,3 +201,16 @@ def test_prefix_snapshot_file_checks(models, tmp_path):
 def test_runner_rejects_unknown_storage(models):
     with pytest.raises(ValueError, match="unknown cache storage 'fp2'"):
         ModelRunner(models("test-mix", "plain"), storage="fp2")
+
+
+def test_upcast_weights_keeps_logits_bitwise():
+    from support.engine_helpers import random_model
+
+    model = random_model("test-mix", "plain", seed=5)
+    prompt = token_ids(20, seed=12)
+    params = SamplingParams(max_tokens=3, logprobs=3)
+    _, before = run_to_end(LLMEngine(model), prompt, params)
+    engine = LLMEngine(model, EngineConfig(upcast_weights=True))
+    assert model.head.weight.dtype == torch.float32
+    _, after = run_to_end(engine, prompt, params)
+    assert before == after

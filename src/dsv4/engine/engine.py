@@ -31,6 +31,7 @@ class EngineConfig:
     block_entries: int = 64  # compressed entries per cache block
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_cache: bool = False  # reuse stored prompt prefixes (see LLMEngine.cache_prefix)
+    upcast_weights: bool = False  # cast bf16 weights once, not per matmul (see ModelRunner.upcast_weights)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class LLMEngine:
         self.cache = CacheManager(c, fmt, self.config.cache_budget_bytes, self.config.block_entries)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.runner = ModelRunner(model, self.config.storage, self.config.block_entries)
+        if self.config.upcast_weights:
+            self.runner.upcast_weights()
         self._sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._prefixes: snapshot.PrefixCache | None = None

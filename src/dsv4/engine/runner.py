@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dsv4.model.kv_state import LayerState, SequenceState
 from dsv4.model.transformer import Chunk, Transformer
@@ -47,6 +48,26 @@ class ModelRunner:
         self.block_entries = block_entries
         self.device = model.embed.weight.device
         make_store_factory(storage, self.config, lambda width: 0, model.dtype)  # validates ``storage``
+
+    def upcast_weights(self) -> int:
+        """Store every bf16 parameter in the activation dtype once, instead of per matmul.
+
+        The model casts bf16 weights (head, embedding, norms, compressors, bf16 linears) to the
+        activation dtype inside every call, which dominates decode time on the CPU. The cast is
+        exact, so logits stay bitwise equal; those weights then take twice the memory in float32.
+        Returns the bytes added.
+        """
+        added = 0
+        target = self.model.dtype
+        if target == torch.bfloat16:
+            return 0
+        for module in self.model.modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and parameter.dtype == torch.bfloat16:
+                    module._parameters[name] = nn.Parameter(parameter.to(target), requires_grad=False)
+                    added += parameter.numel() * (target.itemsize - parameter.element_size())
+        logger.info("upcast bf16 weights to %s (+%.1f MiB)", target, added / 2**20)
+        return added
 
     # ------------------------------------------------------------------ state
 
