@@ -85,3 +85,31 @@ def test_flash_layer_reader_is_lazy(flash_one_layer):
     assert len(tensors) == len(reader.names())
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 ** 2
     assert grown_gib < 0.5  # nothing was read: 8.6 GiB of views cost no memory
+
+
+def test_flash_layer_forward_within_memory(flash_one_layer):
+    """One forward on real Flash shapes (random values), in a child process so that its peak
+    RSS is its own: weights stay memory-mapped and quantized, so the peak stays far below
+    the checkpoint's 8.6 GiB plus a dequantized copy."""
+    path, _ = flash_one_layer
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from dsv4.model.loading import load_model
+        model = load_model({str(path)!r}, numerics="reference")
+        ids = torch.tensor([[0, 17, 4242, 129279, 5, 6, 7, 8, 9]])
+        logits = model(ids)
+        assert logits.shape == (1, 9, 129280), logits.shape
+        assert torch.isfinite(logits).all()
+        print(float(logits.std()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    std, peak_kib = result.stdout.split()[-2:]
+    peak_gib = int(peak_kib) / 1024 ** 2
+    print(f"forward peak RSS: {peak_gib:.2f} GiB, logits std {float(std):.3f}")
+    assert 0.05 < float(std) < 100
+    assert peak_gib < 8
