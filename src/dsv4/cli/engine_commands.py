@@ -125,12 +125,12 @@ def _run_one(engine, prompt_ids: list[int], params, on_text=None, detokenizer=No
 
 
 def run_generate(args) -> int:
-    from dsv4.engine.engine import LLMEngine
+    from dsv4.engine.engine import EngineConfig, LLMEngine
 
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = _tokenizer()
     model = _load(args)
-    engine = LLMEngine(model, detokenize=tokenizer.decode)
+    engine = LLMEngine(model, EngineConfig(upcast_weights=True), detokenize=tokenizer.decode)
     prompt_ids = tokenizer.encode(text)
     output, timings = _run_one(engine, prompt_ids, _params(args))
     completion = tokenizer.decode(output.token_ids)
@@ -156,11 +156,11 @@ def _encode_chat(messages: list[dict], mode: str, tokenizer) -> list[int]:
 
 
 def run_chat(args) -> int:
-    from dsv4.engine.engine import LLMEngine
+    from dsv4.engine.engine import EngineConfig, LLMEngine
 
     tokenizer = _tokenizer()
     model = _load(args)
-    engine = LLMEngine(model, detokenize=tokenizer.decode)
+    engine = LLMEngine(model, EngineConfig(upcast_weights=True), detokenize=tokenizer.decode)
     if args.model == "tiny":
         print("(tiny has random weights: its replies are noise that shows the machinery works)", file=sys.stderr)
     messages: list[dict] = []
