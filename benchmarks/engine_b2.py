@@ -31,7 +31,7 @@ from bench_docs import write_section  # noqa: E402
 
 
 def b2_config():
-    """The B2 shape: hidden 256, layers [0, 4, 128, 4] + MTP, 8 heads x 64, window 128, top-k 64."""
+    """Return the B2 config: hidden 256, layers [0, 4, 128, 4] + MTP, 8 heads x 64, window 128."""
     from dsv4.config import load_preset
 
     return load_preset("tiny").replace(

@@ -36,6 +36,8 @@ def prefill_then_decode(runner, ids: list[int], lengths: list[int], cuts_of, dec
     from dsv4.engine.runner import RunItem
 
     out: dict[tuple[int, int], torch.Tensor] = {}
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"prompt lengths must be distinct, got {sorted(lengths)}")
     for first in range(0, len(lengths), group):
         batch = lengths[first: first + group]
         states = {L: runner.new_state(L + decode) for L in batch}
