@@ -1,8 +1,8 @@
 """B3: one V4-Flash-sized layer decoding on the CPU against the memory-bandwidth roofline.
 
-Builds one CSA layer of the Flash config (hidden 4096, 256 FP4 routed experts, FP8 attention
-weights; random values in the official layout), prefills a short context, then decodes one
-token at a time. The roofline time per token is the bytes the layer must read (attention and
+Builds one CSA layer of the Flash config with random values in the official layout: hidden
+4096, 256 FP4 routed experts, FP8 attention weights. It prefills a short context, then decodes
+one token at a time. The roofline time per token is the bytes the layer must read (attention and
 compressor weights, the router, 6 routed experts and the shared expert, the KV it attends to)
 divided by the copy bandwidth measured in the same run.
 
