@@ -55,15 +55,21 @@ class ReplayEnvironment:
                                f"exit={result.exit_code} timed_out={result.timed_out} stderr={result.stderr[-500:]!r}")
         return result
 
-    def run(self, request: ToolRequest, key: str) -> ToolResult:
-        """Run `request` at most once per `key` in this sandbox.
+    def run(self, request: ToolRequest, key: str, *, idempotent: bool = False) -> ToolResult:
+        """Run `request` at most once per `key` in this sandbox, unless it is idempotent.
 
-        A key the journal already holds is not run again: a finished call returns its
-        journaled result (replayed=True) and an unfinished one raises InDoubt.
+        A non-idempotent key the journal already holds is not run again: a finished call
+        returns its journaled result (replayed=True) and an unfinished one raises InDoubt.
+        An idempotent call replaces its old journal entry and runs again, so its result
+        reflects the sandbox as it is now.
         """
         argv = wrap_argv(self.journal_dir, key, request.shell_argv())
         result = self._executor(argv, stdin=request.stdin, cwd=request.cwd, env=dict(request.env),
                                 timeout_s=request.timeout_s)
+        if is_duplicate(result, key) and idempotent:
+            self.clear(key)
+            result = self._executor(argv, stdin=request.stdin, cwd=request.cwd, env=dict(request.env),
+                                    timeout_s=request.timeout_s)
         if is_duplicate(result, key):
             entry = self.lookup(key)
             if entry.state is JournalState.DONE and entry.result is not None:

@@ -79,7 +79,7 @@ def restore_environment(session: TrajectorySession) -> ReplayEnvironment:
             continue
         for entry in rerun:
             request = ToolRequest.from_record(entry.intent["request"])
-            result = env.run(request, entry.idem_key)
+            result = env.run(request, entry.idem_key, idempotent=True)
             if entry.result is not None and result_hash(result) != entry.result["result_hash"]:
                 # NOTE: the log keeps the first result; a flaky idempotent tool leaves the sandbox state
                 # slightly different from what the agent saw.

@@ -220,7 +220,7 @@ class TrajectorySession:
 
         started = time.monotonic()
         try:
-            result = self.env.run(request, key)
+            result = self.env.run(request, key, idempotent=idempotent)
         except InDoubt as error:
             raise InDoubt(f"{step}/{call}", key, error.reason) from None
         self._fault("executed", step, call)
