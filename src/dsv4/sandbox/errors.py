@@ -108,3 +108,12 @@ class InDoubt(SandboxError):
         self.step_key = step_key
         self.idem_key = idem_key
         self.reason = reason
+
+
+class RemoteError(SandboxError):
+    """A Python callable run inside the sandbox raised; ``remote_traceback`` is its traceback."""
+
+    def __init__(self, message: str, *, remote_traceback: str = "", result: Any = None) -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+        self.result = result

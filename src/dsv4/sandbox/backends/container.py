@@ -1,0 +1,290 @@
+"""Container layer: bubblewrap namespaces over an overlay root, with cgroup limits and seccomp.
+
+Per sandbox the host mounts a tmpfs (size = ``disk_mb``) holding the minimal root and the
+overlay's upper and work directories, then an overlay of the image layers at ``merged``.
+bubblewrap 0.8 has no overlay options, so the host mounts the overlay itself and binds it as
+``/``. Every exec and session is one bubblewrap process that first joins its own cgroup leaf,
+then drops to the sandbox's unprivileged host uid (root inside a user namespace) and enters new
+user, pid, net, ipc, uts and mount namespaces with the seccomp filter loaded. Files and
+``/tmp`` persist across execs; processes do not outlive their exec (use a session for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from typing import Literal
+
+from dsv4.sandbox import cgroups, images, mounts, naming
+from dsv4.sandbox.backends.base import (Backend, ProbeResult, SandboxHandle, SessionHandle,
+                                        SessionKind, result_digest)
+from dsv4.sandbox.backends.function import sandbox_uid, teardown
+from dsv4.sandbox.errors import InvalidSpec, SandboxLost, StartError
+from dsv4.sandbox.procio import pump
+from dsv4.sandbox.rootfs_files import RootFiles
+from dsv4.sandbox.seccomp_filter import write_bpf
+from dsv4.sandbox.sessions import SESSION_ARGV, PipeSession
+from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResult, FileInfo,
+                                SandboxSpec, SandboxStats, SnapshotRef)
+
+logger = logging.getLogger(__name__)
+
+WAIT_AFTER_KILL_S = 5.0
+
+
+class ContainerSandbox(SandboxHandle):
+    layer = "container"
+
+    def __init__(self, sandbox_id: str, spec: SandboxSpec, backend: "ContainerBackend") -> None:
+        super().__init__(sandbox_id, spec)
+        self.backend = backend
+        self.directory = os.path.join(backend.state_dir, sandbox_id)
+        self.rw = os.path.join(self.directory, "rw")
+        self.merged = os.path.join(self.directory, "merged")
+        self.uid = sandbox_uid(sandbox_id)
+        self.cgroup = cgroups.SandboxCgroup(backend.layout, sandbox_id)
+        self.files = RootFiles(self.merged, (self.uid, self.uid))
+        self.created = time.monotonic()
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._sessions: list[SessionHandle] = []
+        self._killed = False
+
+    def start(self, upper_from: str | None = None, previous_uid: int | None = None) -> None:
+        spec = self.spec
+        layers = images.parse_image(spec.image)
+        for path in (self.rw, self.merged):
+            os.makedirs(path)
+        mounts.mount("tmpfs", self.rw, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                     f"size={spec.disk_mb}m,mode=0755")
+        base, upper, work = (os.path.join(self.rw, name) for name in ("base", "upper", "work"))
+        os.makedirs(base)
+        images.build_minimal_root(base, self.uid, self.uid, spec.workdir)
+        # Root inside the user namespace maps to self.uid, so it owns the whole skeleton.
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in (*dirnames, *filenames):
+                os.chown(os.path.join(dirpath, name), self.uid, self.uid, follow_symlinks=False)
+        if upper_from:
+            subprocess.run(["cp", "-a", upper_from, upper], check=True)
+            if previous_uid is not None and previous_uid != self.uid:
+                subprocess.run(["chown", "-R", "-h", f"--from={previous_uid}:{previous_uid}",
+                                f"{self.uid}:{self.uid}", upper], check=True)
+        else:
+            os.makedirs(upper)
+        os.makedirs(work)
+        os.chown(upper, self.uid, self.uid)
+        lower = ":".join([*layers, base])
+        mounts.mount("overlay", self.merged, "overlay", mounts.MS_NOSUID | mounts.MS_NODEV,
+                     f"lowerdir={lower},upperdir={upper},workdir={work}")
+        self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
+
+    # Process start -------------------------------------------------------------------------
+    def _next_role(self, prefix: str) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"{prefix}-{self._counter}"
+
+    def _spawn(self, role: str, argv: list[str], cwd: str | None, env: dict[str, str],
+               stdin: int, stdout: int, stderr: int) -> subprocess.Popen:
+        if self._killed:
+            raise SandboxLost(self.sandbox_id, "killed")
+        seccomp_fd = os.open(self.backend.seccomp_path, os.O_RDONLY)
+        try:
+            bwrap = [
+                "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+                "--uid", "0", "--gid", "0", "--hostname", naming.short_name(self.sandbox_id),
+                "--bind", self.merged, "/", "--ro-bind", "/usr", "/usr",
+                "--proc", "/proc", "--dev", "/dev", "--chdir", cwd or self.spec.workdir,
+                "--seccomp", str(seccomp_fd), "--", *argv]
+            command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}",
+                       "--clear-groups", *bwrap]
+            full_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.spec.workdir,
+                        "LANG": "C.UTF-8", **self.spec.env, **env}
+            return subprocess.Popen(cgroups.join_command(self.cgroup.leaf(role), command),
+                                    stdin=stdin, stdout=stdout, stderr=stderr, env=full_env,
+                                    pass_fds=[seccomp_fd])
+        finally:
+            os.close(seccomp_fd)
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        role = self._next_role("exec")
+        oom_before = self.cgroup.oom_kills()
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        try:
+            process = self._spawn(role, list(request.argv), request.cwd, dict(request.env),
+                                  stdin_r, stdout_w, stderr_w)
+        except BaseException:
+            for fd in (stdin_w, stdout_r, stderr_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w):
+                os.close(fd)
+        io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
+                     timeout_s=request.timeout_s, max_output=request.max_output,
+                     on_deadline=lambda: self.cgroup.kill(role))
+        try:
+            returncode = process.wait(timeout=WAIT_AFTER_KILL_S)
+        except subprocess.TimeoutExpired:
+            self.cgroup.kill(role)
+            returncode = process.wait()
+        self.cgroup.kill(role)               # background children die with their exec
+        self.cgroup.remove_leaf(role)
+        if self._killed:
+            raise SandboxLost(self.sandbox_id, "killed during exec")
+        if returncode == 97 and not io.timed_out:
+            raise SandboxLost(self.sandbox_id, f"failed to join cgroup leaf {role}")
+        result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
+                            io.timed_out, io.truncated, io.duration_s,
+                            oom_killed=self.cgroup.oom_kills() > oom_before)
+        if request.idem_key:
+            self.files.write(f"{JOURNAL_DIR}/{request.idem_key}", result_digest(result).encode())
+        return result
+
+    def open_session(self, kind: SessionKind = "bash") -> SessionHandle:
+        if kind not in SESSION_ARGV:
+            raise InvalidSpec(f"session kind={kind!r} is unknown; use 'bash' or 'python'")
+        role = self._next_role("session")
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        try:
+            process = self._spawn(role, SESSION_ARGV[kind], None, {}, stdin_r, stdout_w, stderr_w)
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w):
+                os.close(fd)
+
+        def kill_session() -> None:
+            self.cgroup.kill(role)
+            process.wait()
+            self.cgroup.remove_leaf(role)
+
+        session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r, kill_session)
+        self._sessions.append(session)
+        return session
+
+    # File plane ----------------------------------------------------------------------------
+    def read_file(self, path: str) -> bytes:
+        return self.files.read(path)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.files.write(path, data, mode)
+
+    def list_dir(self, path: str) -> list[FileInfo]:
+        return self.files.list(path)
+
+    def remove(self, path: str) -> None:
+        self.files.remove(path)
+
+    def journal_lookup(self, idem_key: str) -> str | None:
+        try:
+            return self.files.read(f"{JOURNAL_DIR}/{idem_key}").decode()
+        except FileNotFoundError:
+            return None
+
+    # Snapshot and lifecycle ------------------------------------------------------------------
+    def snapshot(self, kind: Literal["fs", "full"] = "fs") -> SnapshotRef:
+        if kind != "fs":
+            return super().snapshot(kind)
+        target = os.path.join(self.backend.snapshot_dir, f"{self.sandbox_id}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(target)
+        self.cgroup.freeze(True)     # a consistent copy: nothing writes while it is taken
+        try:
+            subprocess.run(["cp", "-a", os.path.join(self.rw, "upper"), target], check=True)
+        finally:
+            self.cgroup.freeze(False)
+        return SnapshotRef(self.layer, "fs", target, self.spec, self.sandbox_id,
+                           {"uid": self.uid})
+
+    def pause(self) -> None:
+        self.cgroup.freeze(True)
+
+    def resume(self) -> None:
+        self.cgroup.freeze(False)
+
+    def stats(self) -> SandboxStats:
+        cpu_s, memory, count = self.cgroup.usage()
+        disk = 0
+        if os.path.ismount(self.rw):
+            info = os.statvfs(self.rw)
+            disk = (info.f_blocks - info.f_bfree) * info.f_frsize
+        return SandboxStats(cpu_s, memory, count, disk, time.monotonic() - self.created)
+
+    def is_alive(self) -> bool:
+        return not self._killed and os.path.ismount(self.merged)
+
+    def kill(self) -> None:
+        self._killed = True
+        for session in self._sessions:
+            session.close()
+        self._sessions.clear()
+        teardown(self.directory, self.cgroup)
+
+
+class ContainerBackend(Backend):
+    layer = "container"
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(os.path.join(state_dir, "container"))
+        self.snapshot_dir = os.path.join(state_dir, "snapshots", "container")
+        os.makedirs(self.state_dir, exist_ok=True)
+        os.makedirs(self.snapshot_dir, exist_ok=True)
+        # The sandbox uid must be able to reach its root through these directories.
+        for path in (state_dir, self.state_dir):
+            os.chmod(path, 0o755)
+        self.layout = cgroups.detect_layout()
+        self.seccomp_path = write_bpf(os.path.join(self.state_dir, "seccomp.bpf"))
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(
+            layer=cls.layer, snapshot_fs=True, fork=True, pause=True,
+            limits=("cpu", "memory", "pids", "disk", "output"),
+            isolation="bubblewrap user/pid/net/ipc/uts/mount namespaces, overlay root, "
+                      "unprivileged host uid, cgroup limits, seccomp",
+            notes="full snapshots need the runsc runtime (not in this backend); "
+                  "processes live only as long as their exec or session")
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        from dsv4.sandbox.probe import probe_container
+        return probe_container()
+
+    def create(self, sandbox_id: str, spec: SandboxSpec) -> ContainerSandbox:
+        return self._start(ContainerSandbox(sandbox_id, spec, self), None, None)
+
+    def restore(self, sandbox_id: str, ref: SnapshotRef) -> ContainerSandbox:
+        if ref.layer != self.layer or ref.kind != "fs":
+            return super().restore(sandbox_id, ref)
+        sandbox = ContainerSandbox(sandbox_id, ref.spec, self)
+        return self._start(sandbox, os.path.join(ref.path, "upper"), ref.meta.get("uid"))
+
+    def _start(self, sandbox: ContainerSandbox, upper_from: str | None,
+               previous_uid: int | None) -> ContainerSandbox:
+        try:
+            sandbox.start(upper_from, previous_uid)
+        except BaseException as error:
+            sandbox.kill()
+            if isinstance(error, (OSError, subprocess.CalledProcessError)):
+                raise StartError("container sandbox failed to start", layer=self.layer,
+                                 detail=str(error)) from error
+            raise
+        return sandbox
+
+    def reap(self, live_ids: set[str]) -> list[str]:
+        found = {n for n in os.listdir(self.state_dir) if n != "seccomp.bpf"}
+        found |= cgroups.list_sandbox_cgroups(self.layout)
+        host_state = os.path.dirname(self.state_dir)
+        orphans = sorted(i for i in found if i not in live_ids and naming.is_owned(i, host_state))
+        for sandbox_id in orphans:
+            logger.info("reaping orphaned container sandbox %s", sandbox_id)
+            teardown(os.path.join(self.state_dir, sandbox_id),
+                     cgroups.SandboxCgroup(self.layout, sandbox_id))
+        return orphans

@@ -1,0 +1,303 @@
+"""Function layer: a warm zygote per sandbox forks one child per call.
+
+Isolation per call: the sandbox's own mount, network (loopback only, down), IPC and UTS
+namespaces; a chroot into a tmpfs root (size = ``disk_mb``) that sees only the host's ``/usr``
+and Python installation, read-only; a per-sandbox unprivileged uid; rlimits; the seccomp
+deny-list; and a cgroup leaf per call under the sandbox's memory/pids/cpu limits. The host reads
+the output and kills the leaf at the deadline. Files written under the workdir persist between
+calls; each call also gets a fresh scratch directory (``$TMPDIR``) that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from dsv4.sandbox import cgroups, images, mounts, naming
+from dsv4.sandbox.backends.base import Backend, ProbeResult, SandboxHandle, result_digest
+from dsv4.sandbox.errors import RemoteError, SandboxLost, StartError
+from dsv4.sandbox.procio import pump
+from dsv4.sandbox.rootfs_files import RootFiles
+from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResult, FileInfo,
+                                SandboxSpec, SandboxStats)
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+STATUS_TIMEOUT_S = 10.0
+UID_BASE = 200_000
+UID_RANGE = 50_000
+
+
+def sandbox_uid(sandbox_id: str) -> int:
+    """Return the host uid the sandbox's calls run as (distinct per sandbox, modulo collisions)."""
+    digest = int(hashlib.sha256(sandbox_id.encode()).hexdigest()[:8], 16)
+    return UID_BASE + digest % UID_RANGE
+
+
+class FunctionSandbox(SandboxHandle):
+    layer = "function"
+
+    def __init__(self, sandbox_id: str, spec: SandboxSpec, backend: "FunctionBackend") -> None:
+        super().__init__(sandbox_id, spec)
+        self.directory = os.path.join(backend.state_dir, sandbox_id)
+        self.root = os.path.join(self.directory, "root")
+        self.uid = sandbox_uid(sandbox_id)
+        self.cgroup = cgroups.SandboxCgroup(backend.layout, sandbox_id)
+        self.files = RootFiles(self.root, (self.uid, self.uid))
+        self.created = time.monotonic()
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._control: socket.socket | None = None
+        self._zygote: subprocess.Popen | None = None
+        self._dead_reason = ""
+
+    def start(self) -> None:
+        spec = self.spec
+        os.makedirs(self.root)
+        mounts.mount("tmpfs", self.root, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                     f"size={spec.disk_mb}m,mode=0755")
+        images.build_minimal_root(self.root, self.uid, self.uid, spec.workdir)
+        self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
+        readonly = list(images.HOST_READONLY)
+        for prefix in {sys.base_prefix, sys.prefix}:
+            if not prefix.startswith("/usr"):
+                readonly.append(prefix)
+        config = {
+            "root": self.root, "uid": self.uid, "gid": self.uid, "workdir": spec.workdir,
+            "readonly": readonly, "devices": list(images.DEVICES),
+            "hostname": naming.short_name(self.sandbox_id), "env": dict(spec.env),
+            "pids": spec.pids, "memory_bytes": spec.memory_mb << 20,
+            "disk_bytes": spec.disk_mb << 20,
+        }
+        host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "dsv4.sandbox.backends.function_zygote",
+                str(zygote_end.fileno()), json.dumps(config)]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._zygote = subprocess.Popen(
+            cgroups.join_command(self.cgroup.leaf("zygote"), argv), pass_fds=[zygote_end.fileno()],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        zygote_end.close()
+        self._control = host_end
+        host_end.settimeout(START_TIMEOUT_S)
+        try:
+            reply = json.loads(host_end.recv(65536) or b"{}")
+        except (socket.timeout, ValueError) as error:
+            reply = {"ready": False, "error": f"no ready message: {error}"}
+        if not reply.get("ready"):
+            stderr = self._zygote.stderr.read(4096).decode(errors="replace") if (
+                self._zygote.poll() is not None and self._zygote.stderr) else ""
+            raise StartError("function sandbox zygote failed to start", layer=self.layer,
+                             detail=f"{reply.get('error', '')} {stderr}".strip())
+        if self._zygote.stderr:
+            self._zygote.stderr.close()
+        host_end.settimeout(None)
+
+    # Calls -------------------------------------------------------------------------------
+    def _run(self, kind: str, request: ExecRequest, payload: bytes | None) -> tuple[ExecResult,
+                                                                                   bytes]:
+        if self._dead_reason or self._control is None:
+            raise SandboxLost(self.sandbox_id, self._dead_reason or "not started")
+        with self._lock:
+            self._calls += 1
+            role = f"call-{self._calls}"
+            procs = self.cgroup.leaf(role)
+            oom_before = self.cgroup.oom_kills()
+            stdin_r, stdin_w = os.pipe()
+            stdout_r, stdout_w = os.pipe()
+            stderr_r, stderr_w = os.pipe()
+            child_fds = [stdin_r, stdout_w, stderr_w]
+            extra: tuple[int, ...] = ()
+            if kind == "call":
+                result_r, result_w = os.pipe()
+                child_fds.append(result_w)
+                extra = (result_r,)
+            message = pickle.dumps({
+                "kind": kind, "argv": list(request.argv), "cwd": request.cwd,
+                "env": dict(request.env), "timeout_s": request.timeout_s, "payload": payload,
+                "cgroup_procs": procs, "number": self._calls})
+            try:
+                socket.send_fds(self._control, [message], child_fds)
+                self._expect("pid")
+            except (OSError, SandboxLost) as error:
+                self._mark_dead(f"zygote control channel failed: {error}")
+                for fd in (*child_fds, stdin_w, stdout_r, stderr_r, *extra):
+                    os.close(fd)
+                raise SandboxLost(self.sandbox_id, self._dead_reason) from error
+            for fd in child_fds:
+                os.close(fd)
+            io, extras = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
+                              timeout_s=request.timeout_s, max_output=request.max_output,
+                              on_deadline=lambda: self.cgroup.kill(role), extra_fds=extra)
+            status = self._expect("status")["status"]
+            self.cgroup.kill(role)          # reap anything the call left running
+            self.cgroup.remove_leaf(role)
+            shutil.rmtree(os.path.join(self.root, "tmp", role), ignore_errors=True)
+            exit_code = None if io.timed_out else _exit_code(status)
+            result = ExecResult(exit_code, io.stdout, io.stderr, io.timed_out, io.truncated,
+                                io.duration_s, oom_killed=self.cgroup.oom_kills() > oom_before)
+            if request.idem_key:
+                self.files.write(f"{JOURNAL_DIR}/{request.idem_key}",
+                                 result_digest(result).encode())
+            return result, extras.get(extra[0], b"") if extra else b""
+
+    def _expect(self, key: str) -> dict:
+        assert self._control is not None
+        self._control.settimeout(STATUS_TIMEOUT_S)
+        try:
+            data = self._control.recv(65536)
+        except socket.timeout:
+            data = b""
+        finally:
+            self._control.settimeout(None)
+        if not data:
+            raise SandboxLost(self.sandbox_id, f"zygote sent no {key!r} message")
+        reply = json.loads(data)
+        if key not in reply:
+            raise SandboxLost(self.sandbox_id, f"zygote sent {reply!r}, expected {key!r}")
+        return reply
+
+    def _mark_dead(self, reason: str, log: bool = True) -> None:
+        if not self._dead_reason and log:
+            logger.error("function sandbox %s lost: %s", self.sandbox_id, reason)
+        if not self._dead_reason:
+            self._dead_reason = reason
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        return self._run("exec", request, None)[0]
+
+    def call(self, function: Callable[..., Any], *args: Any, timeout_s: float = 60.0,
+             max_output: int = 1 << 20, **kwargs: Any) -> tuple[Any, ExecResult]:
+        """Run ``function(*args, **kwargs)`` in a forked child; return (value, output).
+
+        ``function`` must be importable by reference (a module-level function). The value
+        comes back as JSON, so it must be JSON-serialisable; an exception raised by the function
+        is re-raised here as ``RemoteError`` with the sandbox's traceback.
+        """
+        payload = pickle.dumps((function, args, kwargs))
+        request = ExecRequest(["<call>"], timeout_s=timeout_s, max_output=max_output)
+        result, raw = self._run("call", request, payload)
+        if result.timed_out or not raw:
+            return None, result
+        reply = json.loads(raw)
+        if not reply["ok"]:
+            raise RemoteError(reply["error"], remote_traceback=reply.get("traceback", ""),
+                              result=result)
+        return reply["value"], result
+
+    # File plane ----------------------------------------------------------------------------
+    def read_file(self, path: str) -> bytes:
+        return self.files.read(path)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.files.write(path, data, mode)
+
+    def list_dir(self, path: str) -> list[FileInfo]:
+        return self.files.list(path)
+
+    def remove(self, path: str) -> None:
+        self.files.remove(path)
+
+    def journal_lookup(self, idem_key: str) -> str | None:
+        try:
+            return self.files.read(f"{JOURNAL_DIR}/{idem_key}").decode()
+        except FileNotFoundError:
+            return None
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def pause(self) -> None:
+        self.cgroup.freeze(True)
+
+    def resume(self) -> None:
+        self.cgroup.freeze(False)
+
+    def stats(self) -> SandboxStats:
+        cpu_s, memory, count = self.cgroup.usage()
+        disk = 0
+        if os.path.ismount(self.root):
+            info = os.statvfs(self.root)
+            disk = (info.f_blocks - info.f_bfree) * info.f_frsize
+        return SandboxStats(cpu_s, memory, count, disk, time.monotonic() - self.created)
+
+    def is_alive(self) -> bool:
+        return (not self._dead_reason and self._zygote is not None
+                and self._zygote.poll() is None)
+
+    def kill(self) -> None:
+        self._mark_dead("killed", log=False)
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self.cgroup.remove()
+        if self._zygote is not None:
+            self._zygote.wait()
+        teardown(self.directory, self.cgroup)
+
+
+def _exit_code(status: int) -> int:
+    """Return the exit code, or -N when the child was killed by signal N (like subprocess)."""
+    return os.waitstatus_to_exitcode(status)
+
+
+def teardown(directory: str, cgroup: cgroups.SandboxCgroup) -> None:
+    """Remove the mounts, cgroups and files of one sandbox. Safe to call repeatedly."""
+    cgroup.remove()
+    mounts.unmount_all_under(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class FunctionBackend(Backend):
+    layer = "function"
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(os.path.join(state_dir, "function"))
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.layout = cgroups.detect_layout()
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(
+            layer=cls.layer, sessions=False, pause=True,
+            limits=("cpu", "memory", "pids", "disk", "output"),
+            isolation="fork per call from a warm zygote; mount/net/ipc/uts namespaces, chroot, "
+                      "unprivileged uid, rlimits, seccomp, cgroup leaf per call",
+            notes="no persistent processes between calls; workdir files persist")
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        from dsv4.sandbox.probe import probe_function
+        return probe_function()
+
+    def create(self, sandbox_id: str, spec: SandboxSpec) -> FunctionSandbox:
+        sandbox = FunctionSandbox(sandbox_id, spec, self)
+        try:
+            sandbox.start()
+        except BaseException as error:
+            sandbox.kill()
+            if isinstance(error, StartError):
+                raise
+            if isinstance(error, OSError):
+                raise StartError("function sandbox failed to start", layer=self.layer,
+                                 detail=str(error)) from error
+            raise
+        return sandbox
+
+    def reap(self, live_ids: set[str]) -> list[str]:
+        found = set(os.listdir(self.state_dir)) | cgroups.list_sandbox_cgroups(self.layout)
+        host_state = os.path.dirname(self.state_dir)
+        orphans = sorted(i for i in found if i not in live_ids and naming.is_owned(i, host_state))
+        for sandbox_id in orphans:
+            logger.info("reaping orphaned function sandbox %s", sandbox_id)
+            teardown(os.path.join(self.state_dir, sandbox_id),
+                     cgroups.SandboxCgroup(self.layout, sandbox_id))
+        return orphans
