@@ -216,7 +216,19 @@ class SandboxCgroup:
         return _read_keyed(os.path.join(self.v1["memory"], "memory.oom_control"))
 
     def oom_kills(self) -> int:
-        return self.memory_events().get("oom_kill", 0)
+        """Return OOM kills in the sandbox so far, including leaves that still exist.
+
+        v2 ``memory.events`` counts the whole subtree. v1 counts a kill only in the victim's
+        own cgroup, so the leaves are summed (read it before removing a leaf).
+        """
+        if self.layout.mode == "v2":
+            return self.memory_events().get("oom_kill", 0)
+        total = 0
+        for dirpath, _, files in os.walk(self.v1["memory"]):
+            if "memory.oom_control" in files:
+                total += _read_keyed(os.path.join(dirpath, "memory.oom_control")).get(
+                    "oom_kill", 0)
+        return total
 
     def pids_events(self) -> int:
         """Return how many forks the pids limit rejected so far."""

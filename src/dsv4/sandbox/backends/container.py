@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -54,6 +54,7 @@ class ContainerSandbox(SandboxHandle):
         self._counter = 0
         self._sessions: list[SessionHandle] = []
         self._killed = False
+        self._processes: dict[str, subprocess.Popen] = {}
 
     def start(self, upper_from: str | None = None, previous_uid: int | None = None) -> None:
         spec = self.spec
@@ -105,11 +106,40 @@ class ContainerSandbox(SandboxHandle):
                        "--clear-groups", *bwrap]
             full_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.spec.workdir,
                         "LANG": "C.UTF-8", **self.spec.env, **env}
-            return subprocess.Popen(cgroups.join_command(self.cgroup.leaf(role), command),
-                                    stdin=stdin, stdout=stdout, stderr=stderr, env=full_env,
-                                    pass_fds=[seccomp_fd])
+            process = subprocess.Popen(cgroups.join_command(self.cgroup.leaf(role), command),
+                                       stdin=stdin, stdout=stdout, stderr=stderr, env=full_env,
+                                       pass_fds=[seccomp_fd])
+            self._processes[role] = process
+            return process
         finally:
             os.close(seccomp_fd)
+
+    def _stop(self, role: str) -> None:
+        """Kill everything in leaf ``role`` without leaving zombies to the host's init.
+
+        bubblewrap runs as two processes: the outer one (our child) and the init of the new
+        pid namespace (its child). Killing both at once through the cgroup orphans the inner
+        one, and on hosts whose pid 1 does not reap, it stays a zombie. So the namespace init
+        is killed first (the kernel then kills the whole namespace, fork bombs and setsid
+        children included), the outer bwrap reaps it and exits, and only then does the
+        cgroup kill sweep up anything left.
+        """
+        for pid in self.cgroup.pids(role):
+            if _is_namespace_init(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        process = self._processes.get(role)
+        if process is not None:
+            try:
+                process.wait(timeout=WAIT_AFTER_KILL_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("sandbox %s: bwrap of %s did not exit after its namespace "
+                               "was killed", self.sandbox_id, role)
+        self.cgroup.kill(role)
+        if process is not None:
+            process.wait()
 
     def exec(self, request: ExecRequest) -> ExecResult:
         role = self._next_role("exec")
@@ -129,21 +159,23 @@ class ContainerSandbox(SandboxHandle):
                 os.close(fd)
         io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
                      timeout_s=request.timeout_s, max_output=request.max_output,
-                     on_deadline=lambda: self.cgroup.kill(role))
+                     on_deadline=lambda: self._stop(role))
         try:
             returncode = process.wait(timeout=WAIT_AFTER_KILL_S)
         except subprocess.TimeoutExpired:
-            self.cgroup.kill(role)
+            self._stop(role)
             returncode = process.wait()
-        self.cgroup.kill(role)               # background children die with their exec
+        self._stop(role)                     # background children die with their exec
+        oom_killed = self.cgroup.oom_kills() > oom_before
         self.cgroup.remove_leaf(role)
+        self._processes.pop(role, None)
         if self._killed:
             raise SandboxLost(self.sandbox_id, "killed during exec")
         if returncode == 97 and not io.timed_out:
             raise SandboxLost(self.sandbox_id, f"failed to join cgroup leaf {role}")
         result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
                             io.timed_out, io.truncated, io.duration_s,
-                            oom_killed=self.cgroup.oom_kills() > oom_before)
+                            oom_killed=oom_killed)
         if request.idem_key:
             self.files.write(f"{JOURNAL_DIR}/{request.idem_key}", result_digest(result).encode())
         return result
@@ -162,9 +194,9 @@ class ContainerSandbox(SandboxHandle):
                 os.close(fd)
 
         def kill_session() -> None:
-            self.cgroup.kill(role)
-            process.wait()
+            self._stop(role)
             self.cgroup.remove_leaf(role)
+            self._processes.pop(role, None)
 
         session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r, kill_session)
         self._sessions.append(session)
@@ -225,7 +257,22 @@ class ContainerSandbox(SandboxHandle):
         for session in self._sessions:
             session.close()
         self._sessions.clear()
+        for role in list(self._processes):
+            self._stop(role)
         teardown(self.directory, self.cgroup)
+
+
+def _is_namespace_init(pid: int) -> bool:
+    """Return True when ``pid`` is pid 1 of a nested pid namespace (the NSpid line ends in 1)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("NSpid:"):
+                    parts = line.split()[1:]
+                    return len(parts) > 1 and parts[-1] == "1"
+    except OSError:
+        pass
+    return False
 
 
 class ContainerBackend(Backend):

@@ -141,11 +141,12 @@ class FunctionSandbox(SandboxHandle):
                               on_deadline=lambda: self.cgroup.kill(role), extra_fds=extra)
             status = self._expect("status")["status"]
             self.cgroup.kill(role)          # reap anything the call left running
+            oom_killed = self.cgroup.oom_kills() > oom_before
             self.cgroup.remove_leaf(role)
             shutil.rmtree(os.path.join(self.root, "tmp", role), ignore_errors=True)
             exit_code = None if io.timed_out else _exit_code(status)
             result = ExecResult(exit_code, io.stdout, io.stderr, io.timed_out, io.truncated,
-                                io.duration_s, oom_killed=self.cgroup.oom_kills() > oom_before)
+                                io.duration_s, oom_killed=oom_killed)
             if request.idem_key:
                 self.files.write(f"{JOURNAL_DIR}/{request.idem_key}",
                                  result_digest(result).encode())

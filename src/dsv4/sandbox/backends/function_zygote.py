@@ -29,6 +29,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+PR_SET_CHILD_SUBREAPER = 36
 MAX_MESSAGE = 1 << 24
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,6 +53,7 @@ def _setup(config: dict) -> None:
         mounts.mount(f"/dev/{device}", os.path.join(root, "dev", device), None, mounts.MS_BIND)
     mounts.mount("proc", os.path.join(root, "proc"), "proc",
                  mounts.MS_NOSUID | mounts.MS_NODEV, "hidepid=2")
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
     hostname = config["hostname"].encode()
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
 
@@ -133,6 +135,14 @@ def _run_child(config: dict, request: dict, fds: list[int], syscall_filter) -> N
             os._exit(127)
 
 
+def _reap_all_children() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def serve(control: socket.socket, config: dict) -> None:
     syscall_filter = build_filter()
     control.send(json.dumps({"ready": True}).encode())
@@ -150,6 +160,10 @@ def serve(control: socket.socket, config: dict) -> None:
         control.send(json.dumps({"pid": pid}).encode())
         _, status = os.waitpid(pid, 0)
         control.send(json.dumps({"status": status}).encode())
+        # The zygote is a child subreaper, so the call's orphaned descendants are its children
+        # now. The host kills the call's cgroup leaf after the status message, and the zygote
+        # reaps them here, so no zombie passes to the host's init when the zygote exits.
+        _reap_all_children()
 
 
 def main() -> None:
