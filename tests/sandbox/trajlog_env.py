@@ -64,3 +64,22 @@ class HostDirProvider:
         sandbox_id = f"dir{self.created + self.restored}"
         shutil.copytree(snapshot["path"], self.base / sandbox_id, symlinks=True)
         return self._env(sandbox_id)
+
+
+def serve_function_host(state_dir: str, socket_path: str, authkey: bytes, stop) -> None:
+    """Run a SandboxHost of function sandboxes until `stop` (a multiprocessing Event) is set.
+
+    Meant as the target of a spawned process: it plays the host daemon that outlives the
+    rollout workers the tests kill.
+    """
+    from dsv4.sandbox.backends.function import FunctionBackend
+    from dsv4.sandbox.cluster.local import HostServer, SandboxHost
+    from dsv4.sandbox.types import SandboxSpec
+
+    host = SandboxHost(FunctionBackend(state_dir), SandboxSpec(layer="function", memory_mb=256), name="faulthost")
+    server = HostServer(host, socket_path, authkey)
+    try:
+        stop.wait()
+    finally:
+        server.close()
+        host.close()

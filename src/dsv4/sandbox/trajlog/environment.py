@@ -9,6 +9,7 @@ that ran the calls, restore a snapshot, or create a fresh one.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Mapping, Protocol
 
 from dsv4.sandbox.errors import InDoubt
@@ -40,13 +41,14 @@ class ReplayEnvironment:
     """
 
     def __init__(self, sandbox_id: str, executor: Executor, journal_dir: str, *,
-                 snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
+                 snapshot: Callable[[], dict[str, Any]] | None = None, duplicate_wait_s: float = 30.0) -> None:
         if not journal_dir.startswith("/"):
             raise ValueError(f"journal_dir={journal_dir!r} must be an absolute path inside the sandbox")
         self.sandbox_id = sandbox_id
         self.journal_dir = journal_dir
         self._executor = executor
         self._snapshot = snapshot
+        self.duplicate_wait_s = duplicate_wait_s
 
     def _helper(self, argv: list[str]) -> ToolResult:
         result = self._executor(argv, stdin=b"", cwd=None, env={}, timeout_s=JOURNAL_TIMEOUT_S)
@@ -56,32 +58,40 @@ class ReplayEnvironment:
         return result
 
     def run(self, request: ToolRequest, key: str, *, idempotent: bool = False) -> ToolResult:
-        """Run `request` at most once per `key` in this sandbox, unless it is idempotent.
+        """Run `request` at most once per `key` in this sandbox.
 
-        A non-idempotent key the journal already holds is not run again: a finished call
-        returns its journaled result (replayed=True) and an unfinished one raises InDoubt.
-        An idempotent call replaces its old journal entry and runs again, so its result
-        reflects the sandbox as it is now.
+        A key whose journal entry is finished is not run again: its journaled result comes
+        back with replayed=True, so a call whose log record was lost returns what it
+        returned the first time. A key that is claimed but unfinished is waited for (the
+        earlier run may still be going), then an idempotent call runs again and a
+        non-idempotent one raises InDoubt.
         """
         argv = wrap_argv(self.journal_dir, key, request.shell_argv())
-        result = self._executor(argv, stdin=request.stdin, cwd=request.cwd, env=dict(request.env),
-                                timeout_s=request.timeout_s)
-        if is_duplicate(result, key) and idempotent:
-            self.clear(key)
-            result = self._executor(argv, stdin=request.stdin, cwd=request.cwd, env=dict(request.env),
-                                    timeout_s=request.timeout_s)
+        result = self._execute(argv, request)
         if is_duplicate(result, key):
             entry = self.lookup(key)
+            deadline = time.monotonic() + min(request.timeout_s or self.duplicate_wait_s, self.duplicate_wait_s)
+            while entry.state is JournalState.STARTED and time.monotonic() < deadline:
+                time.sleep(0.02)
+                entry = self.lookup(key)
             if entry.state is JournalState.DONE and entry.result is not None:
                 logger.info("sandbox %s: call %s already ran; returning its journaled result", self.sandbox_id, key[:16])
                 return entry.result
-            raise InDoubt("?", key, f"sandbox {self.sandbox_id} journal shows the call started but "
-                          "never finished, so it may have had effects")
+            if idempotent:
+                self.clear(key)
+                result = self._execute(argv, request)
+            if is_duplicate(result, key):
+                raise InDoubt("?", key, f"sandbox {self.sandbox_id} journal shows the call started but "
+                              "never finished, so it may have had effects")
         if result.timed_out:
             # The wrapper died with the command, so the partial output is only in the journal files.
             partial = self._helper(fetch_argv(self.journal_dir, key))
             return ToolResult(None, partial.stdout, partial.stderr, timed_out=True)
         return result
+
+    def _execute(self, argv: list[str], request: ToolRequest) -> ToolResult:
+        return self._executor(argv, stdin=request.stdin, cwd=request.cwd, env=dict(request.env),
+                              timeout_s=request.timeout_s)
 
     def lookup(self, key: str) -> JournalEntry:
         state, exit_code = parse_lookup(self._helper(lookup_argv(self.journal_dir, key)).stdout)

@@ -33,7 +33,7 @@ from .environment import EnvironmentProvider, ReplayEnvironment
 from .errors import StaleWriter
 from .framing import RecordType
 from .hashing import ToolRequest, ToolResult, idem_key, request_hash, result_hash
-from .journal import JournalState
+from .journal import JournalEntry, JournalState
 from .restore import restore_environment, try_reattach
 from .state import CallEntry, TrajectoryState
 from .store import TrajectoryLog, check_id
@@ -57,12 +57,14 @@ class TrajectorySession:
 
     inline_bytes: stdout/stderr larger than this are stored as blobs (bytes).
     snapshot_every: take a sandbox snapshot after every N-th step (0 = only on request).
+    in_doubt_wait_s: the longest wait for a call that a dead worker left running, seconds.
     fault_hook: called at each FAULT_POINTS entry; tests use it to kill the worker.
     """
 
     def __init__(self, log: TrajectoryLog, run_id: str, traj_id: str, provider: EnvironmentProvider, *,
                  policy: DivergencePolicy | str = DivergencePolicy.STRICT, inline_bytes: int = 64 * 1024,
-                 snapshot_every: int = 0, fault_hook: FaultHook | None = None) -> None:
+                 snapshot_every: int = 0, in_doubt_wait_s: float = 30.0,
+                 fault_hook: FaultHook | None = None) -> None:
         check_id("run_id", run_id)
         check_id("traj_id", traj_id)
         self.log = log
@@ -73,6 +75,7 @@ class TrajectorySession:
         self.inline_bytes = inline_bytes
         self.snapshot_every = snapshot_every
         self.fault_hook = fault_hook
+        self.in_doubt_wait_s = in_doubt_wait_s
         self.env: ReplayEnvironment | None = None
         self.epoch = 0
         self.seq = 0
@@ -184,7 +187,7 @@ class TrajectorySession:
                 return None
             raise InDoubt(step_key, entry.idem_key, "the sandbox that ran it is gone, so its journal cannot "
                           "tell whether it ran; drop or regenerate the trajectory")
-        journal = self.env.lookup(entry.idem_key)
+        journal = self._wait_for_journal(entry)
         if journal.state is JournalState.DONE and journal.result is not None:
             logger.info("call %s of %s/%s recovered from the sandbox journal", step_key, self.run_id, self.traj_id)
             self._record_result(entry, journal.result, 0.0, recovered=True)
@@ -197,6 +200,23 @@ class TrajectorySession:
         raise InDoubt(step_key, entry.idem_key, f"sandbox {self.env.sandbox_id} journal shows it started "
                       "but never finished; drop or regenerate the trajectory")
 
+    def _wait_for_journal(self, entry: CallEntry) -> JournalEntry:
+        """Look the call up, waiting while it may still be running inside the sandbox.
+
+        A worker that died during a call leaves the call running in its sandbox until it
+        ends or its deadline kills it, so "started" is final only after that deadline
+        (bounded by `in_doubt_wait_s`).
+        """
+        journal = self.env.lookup(entry.idem_key)
+        timeout_s = entry.intent["request"].get("timeout_s") or self.in_doubt_wait_s
+        deadline = min(entry.intent.get("written_at", 0.0) + timeout_s + 1.0, time.time() + self.in_doubt_wait_s)
+        delay = 0.01
+        while journal.state is JournalState.STARTED and not entry.idempotent and time.time() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            journal = self.env.lookup(entry.idem_key)
+        return journal
+
     def _run_live(self, step: int, call: int, request: ToolRequest, req_hash: str, key: str,
                   idempotent: bool) -> ToolResult:
         if self.env is None:
@@ -204,7 +224,8 @@ class TrajectorySession:
             self.env = restore_environment(self)
         self._fault("before_intent", step, call)
         intent = {"step": step, "call": call, "request": request.to_record(), "request_hash": req_hash,
-                  "idem_key": key, "idempotent": idempotent, "sandbox_id": self.env.sandbox_id}
+                  "idem_key": key, "idempotent": idempotent, "sandbox_id": self.env.sandbox_id,
+                  "written_at": time.time()}
         if idempotent:
             payload = self._append(RecordType.INTENT, intent)
             self._fault("intent_written", step, call)
