@@ -143,8 +143,18 @@ class SandboxCgroup:
                              ) from error
 
     def leaf(self, role: str) -> list[str]:
-        """Create leaf ``role`` in every hierarchy; return the ``cgroup.procs`` paths to join."""
+        """Create leaf ``role``; return the ``cgroup.procs`` files a process writes to join.
+
+        With a v2 tree, the leaf exists only there (for kill and freeze) and the process joins
+        the sandbox directory itself in each v1 hierarchy, where limits apply. Without v2, the
+        leaf is created in every v1 hierarchy so it can be frozen and listed on its own.
+        """
         procs = []
+        if self.v2:
+            leaf = os.path.join(self.v2, role)
+            os.makedirs(leaf, exist_ok=True)
+            procs = [os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self.v1.values())]
+            return procs + [os.path.join(leaf, "cgroup.procs")]
         for path in self.directories():
             leaf = os.path.join(path, role)
             os.makedirs(leaf, exist_ok=True)
@@ -152,9 +162,8 @@ class SandboxCgroup:
         return procs
 
     def pids(self, role: str | None = None) -> list[int]:
-        """Return the host pids in the sandbox (or in one leaf), read from the pids hierarchy."""
-        base = self.v2 if self.layout.mode == "v2" else self.v1["pids"]
-        assert base is not None
+        """Return the host pids in the sandbox (or in one leaf)."""
+        base = self.v2 if self.v2 else self.v1["pids"]
         return sorted(set(_pids_in(os.path.join(base, role) if role else base)))
 
     def kill(self, role: str | None = None, timeout_s: float = 5.0) -> None:
@@ -168,7 +177,7 @@ class SandboxCgroup:
                 used_kill_file = True
             except OSError as error:
                 logger.warning("cgroup.kill failed for %s: %s", v2_dir, error)
-        freezer = self.v1.get("freezer")
+        freezer = None if self.v2 else self.v1.get("freezer")
         freezer_dir = os.path.join(freezer, role) if freezer and role else freezer
         while True:
             remaining = self.pids(role)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import shutil
 import socket
 import subprocess
@@ -58,8 +59,10 @@ class FunctionSandbox(SandboxHandle):
         self.created = time.monotonic()
         self._lock = threading.Lock()
         self._calls = 0
+        self.backend = backend
         self._control: socket.socket | None = None
-        self._zygote: subprocess.Popen | None = None
+        self._zygote_pid = 0
+        self._zygote_fd = -1
         self._dead_reason = ""
 
     def start(self) -> None:
@@ -78,29 +81,23 @@ class FunctionSandbox(SandboxHandle):
             "readonly": readonly, "devices": list(images.DEVICES),
             "hostname": naming.short_name(self.sandbox_id), "env": dict(spec.env),
             "pids": spec.pids, "memory_bytes": spec.memory_mb << 20,
-            "disk_bytes": spec.disk_mb << 20,
+            "disk_bytes": spec.disk_mb << 20, "cgroup_procs": self.cgroup.leaf("zygote"),
         }
         host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "dsv4.sandbox.backends.function_zygote",
-                str(zygote_end.fileno()), json.dumps(config)]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._zygote = subprocess.Popen(
-            cgroups.join_command(self.cgroup.leaf("zygote"), argv), pass_fds=[zygote_end.fileno()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        zygote_end.close()
         self._control = host_end
+        try:
+            self._zygote_pid = self.backend.fork_zygote(config, zygote_end)
+        finally:
+            zygote_end.close()
+        self._zygote_fd = os.pidfd_open(self._zygote_pid)
         host_end.settimeout(START_TIMEOUT_S)
         try:
             reply = json.loads(host_end.recv(65536) or b"{}")
         except (socket.timeout, ValueError) as error:
             reply = {"ready": False, "error": f"no ready message: {error}"}
         if not reply.get("ready"):
-            stderr = self._zygote.stderr.read(4096).decode(errors="replace") if (
-                self._zygote.poll() is not None and self._zygote.stderr) else ""
             raise StartError("function sandbox zygote failed to start", layer=self.layer,
-                             detail=f"{reply.get('error', '')} {stderr}".strip())
-        if self._zygote.stderr:
-            self._zygote.stderr.close()
+                             detail=reply.get("error", "the zygote exited"))
         host_end.settimeout(None)
 
     # Calls -------------------------------------------------------------------------------
@@ -231,8 +228,10 @@ class FunctionSandbox(SandboxHandle):
         return SandboxStats(cpu_s, memory, count, disk, time.monotonic() - self.created)
 
     def is_alive(self) -> bool:
-        return (not self._dead_reason and self._zygote is not None
-                and self._zygote.poll() is None)
+        if self._dead_reason or self._zygote_fd < 0:
+            return False
+        # A pidfd becomes readable when its process exits.
+        return not select.select([self._zygote_fd], [], [], 0)[0]
 
     def kill(self) -> None:
         self._mark_dead("killed", log=False)
@@ -240,8 +239,9 @@ class FunctionSandbox(SandboxHandle):
             self._control.close()
             self._control = None
         self.cgroup.remove()
-        if self._zygote is not None:
-            self._zygote.wait()
+        if self._zygote_fd >= 0:
+            os.close(self._zygote_fd)
+            self._zygote_fd = -1
         teardown(self.directory, self.cgroup)
 
 
@@ -264,6 +264,52 @@ class FunctionBackend(Backend):
         super().__init__(os.path.join(state_dir, "function"))
         os.makedirs(self.state_dir, exist_ok=True)
         self.layout = cgroups.detect_layout()
+        self._master: subprocess.Popen | None = None
+        self._master_control: socket.socket | None = None
+        self._master_lock = threading.Lock()
+
+    def _start_master(self) -> None:
+        host_end, master_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "dsv4.sandbox.backends.function_zygote",
+                str(master_end.fileno())]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._master = subprocess.Popen(argv, pass_fds=[master_end.fileno()],
+                                        stdin=subprocess.DEVNULL, env=env)
+        master_end.close()
+        self._master_control = host_end
+
+    def fork_zygote(self, config: dict, control: socket.socket) -> int:
+        """Ask the warm master zygote to fork a zygote for one sandbox; return its pid."""
+        with self._master_lock:
+            if self._master is None or self._master.poll() is not None:
+                self._start_master()
+            assert self._master_control is not None
+            socket.send_fds(self._master_control, [json.dumps(config).encode()],
+                            [control.fileno()])
+            self._master_control.settimeout(START_TIMEOUT_S)
+            try:
+                reply = self._master_control.recv(65536)
+            except socket.timeout:
+                reply = b""
+            finally:
+                self._master_control.settimeout(None)
+        if not reply:
+            raise StartError("the function layer's master zygote did not reply",
+                             layer=self.layer, detail=f"master exit status {self._master.poll()}")
+        return json.loads(reply)["pid"]
+
+    def close(self) -> None:
+        with self._master_lock:
+            if self._master_control is not None:
+                self._master_control.close()
+                self._master_control = None
+            if self._master is not None:
+                try:
+                    self._master.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._master.kill()
+                    self._master.wait()
+                self._master = None
 
     @classmethod
     def capabilities(cls) -> Capabilities:

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import resource
+import signal
 import socket
 import sys
 import traceback
@@ -143,8 +144,7 @@ def _reap_all_children() -> None:
             return
 
 
-def serve(control: socket.socket, config: dict) -> None:
-    syscall_filter = build_filter()
+def serve(control: socket.socket, config: dict, syscall_filter) -> None:
     control.send(json.dumps({"ready": True}).encode())
     while True:
         message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 8)
@@ -166,18 +166,62 @@ def serve(control: socket.socket, config: dict) -> None:
         _reap_all_children()
 
 
-def main() -> None:
-    control = socket.socket(fileno=int(sys.argv[1]))
-    config = json.loads(sys.argv[2])
+def _run_sandbox_zygote(control: socket.socket, config: dict, syscall_filter) -> None:
+    """Body of a forked per-sandbox zygote; never returns."""
+    code = 0
     try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for path in config["cgroup_procs"]:
+            with open(path, "w") as handle:
+                handle.write(str(os.getpid()))
         _setup(config)
     except OSError as error:
         control.send(json.dumps({"ready": False, "error": str(error)}).encode())
-        return
+        os._exit(1)
     try:
-        serve(control, config)
+        serve(control, config, syscall_filter)
     except (ConnectionError, EOFError):
         pass
+    except BaseException as error:  # noqa: BLE001 - report, then exit without unwinding
+        sys.stderr.write(f"sandbox zygote {config['hostname']} failed: {error!r}\n")
+        code = 1
+    os._exit(code)
+
+
+def _reap_exited(signum: int, frame) -> None:
+    """SIGCHLD handler of the master: reap per-sandbox zygotes that exited."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def main() -> None:
+    """Run the master zygote: fork one per-sandbox zygote per request from the host.
+
+    The master imports everything once, so a new sandbox costs a fork instead of an
+    interpreter start. Requests carry the sandbox config and the sandbox's control socket.
+    """
+    control = socket.socket(fileno=int(sys.argv[1]))
+    syscall_filter = build_filter()
+    signal.signal(signal.SIGCHLD, _reap_exited)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+        except ConnectionError:
+            return
+        if not message:
+            return
+        config = json.loads(message)
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            _run_sandbox_zygote(socket.socket(fileno=fds[0]), config, syscall_filter)
+        os.close(fds[0])
+        control.send(json.dumps({"pid": pid}).encode())
 
 
 if __name__ == "__main__":
