@@ -8,6 +8,7 @@ after a crash of the host process and remove them together with their directorie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,8 +47,31 @@ class MachineConfig:
 
     def key(self) -> str:
         """Return a string that names this configuration in template directories."""
+        args = hashlib.sha256(self.kernel_args().encode()).hexdigest()[:8]
         return (f"{self.machine}-{self.accel}-m{self.memory_mb}-c{self.cpus}"
-                f"{'-disk' if self.disk else ''}")
+                f"{'-disk' if self.disk else ''}-{args}")
+
+    def kernel_args(self) -> str:
+        args = [KERNEL_ARGS, self.extra_kernel_args]
+        if self.accel == "tcg":
+            khz = host_tsc_khz()
+            # Under TCG the guest TSC ticks at the host TSC rate. The guest's own calibration
+            # against the PIT fails when the host deschedules QEMU during the measurement, and
+            # the boot then hangs without a clocksource, so the host passes the rate in.
+            if khz:
+                args.append(f"tsc_early_khz={khz} tsc=reliable")
+        return " ".join(arg for arg in args if arg)
+
+
+def host_tsc_khz() -> int | None:
+    """Return the host CPU clock in kHz from /proc/cpuinfo (the TSC rate on x86), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def qemu_command(config: MachineConfig, name: str, run_dir: Path, sockets: Path,
@@ -64,7 +88,7 @@ def qemu_command(config: MachineConfig, name: str, run_dir: Path, sockets: Path,
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{sockets / 'qmp.sock'},server=on,wait=off",
             "-kernel", config.kernel, "-initrd", config.initrd,
-            "-append", f"{KERNEL_ARGS} {config.extra_kernel_args}".strip()]
+            "-append", config.kernel_args()]
     if config.disk:
         argv += ["-drive", f"if=none,id=root,file={run_dir / 'disk.qcow2'},format=qcow2",
                  "-device", "virtio-blk-pci,drive=root"]
@@ -137,7 +161,7 @@ class QemuMachine:
 
     @classmethod
     def launch(cls, name: str, config: MachineConfig, run_dir: Path,
-               incoming: Path | None = None, boot_timeout_s: float = 60.0) -> "QemuMachine":
+               incoming: Path | None = None, boot_timeout_s: float = 180.0) -> "QemuMachine":
         """Start QEMU and wait until the agent answers; kill everything on failure."""
         if shutil.which(QEMU_BINARY) is None:
             raise StartError(f"{QEMU_BINARY} not found", layer=config.machine,
@@ -265,20 +289,27 @@ def find_qemu_pids(name: str) -> list[int]:
     return pids
 
 
-def reap_run_dirs(state_dir: Path, prefix: str, live_names: set[str]) -> list[str]:
-    """Kill QEMU processes and remove run directories under ``state_dir`` not in ``live_names``."""
-    reaped = []
-    if not state_dir.is_dir():
-        return reaped
-    for run_dir in sorted(state_dir.iterdir()):
-        name = run_dir.name
-        if not name.startswith(prefix) or name in live_names:
+def list_qemu_names(prefix: str) -> dict[str, list[int]]:
+    """Return ``-name`` values starting with ``prefix`` of running QEMU processes, with pids."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        for pid in find_qemu_pids(name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        remove_run_dir(name, run_dir)
-        reaped.append(name)
-    return reaped
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "-name" not in [arg.decode("utf-8", "replace") for arg in argv[:3]]:
+            continue
+        name = argv[argv.index(b"-name") + 1].decode("utf-8", "replace").split(",")[0]
+        if name.startswith(prefix):
+            found.setdefault(name, []).append(int(entry.name))
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

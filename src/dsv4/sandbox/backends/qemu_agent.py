@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MARKER = b"@@dsv4 "
 # How long the agent gets to deliver the partial result after the host sent "kill".
 KILL_GRACE_S = 10.0
+SEND_TIMEOUT_S = 30.0
 DEFAULT_PATH = "/bin:/sbin:/usr/bin:/usr/sbin"
 
 
@@ -37,6 +38,7 @@ class AgentResult:
     timed_out: bool
     truncated: bool
     duration_s: float
+    oom_kills: int = 0          # processes the guest's OOM killer ended during the request
 
 
 class AgentChannel:
@@ -44,7 +46,7 @@ class AgentChannel:
 
     def __init__(self, socket_path: str, connect_timeout_s: float = 10.0) -> None:
         self.socket_path = socket_path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._buffer = bytearray()
         self._ids = itertools.count(1)
         deadline = time.monotonic() + connect_timeout_s
@@ -64,6 +66,18 @@ class AgentChannel:
 
     def close(self) -> None:
         self._sock.close()
+
+    def exclusive(self) -> threading.RLock:
+        """Return the request lock; holding it keeps other requests out (e.g. during a snapshot)."""
+        return self._lock
+
+    def _send(self, data: bytes) -> None:
+        # The socket's timeout is left over from the last read, which may be nearly zero.
+        self._sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise AgentUnresponsive(f"writing to serial socket {self.socket_path} failed: {exc}") from exc
 
     # Low-level reading with absolute deadlines (time.monotonic()).
     def _fill(self, deadline: float) -> None:
@@ -120,7 +134,7 @@ class AgentChannel:
         with self._lock:
             while True:
                 request_id = f"p{next(self._ids)}"
-                self._sock.sendall(f"ping {request_id}\n".encode())
+                self._send(f"ping {request_id}\n".encode())
                 step_deadline = min(deadline, time.monotonic() + 1.0)
                 try:
                     while True:
@@ -137,7 +151,7 @@ class AgentChannel:
         with self._lock:
             request_id = f"p{next(self._ids)}"
             deadline = time.monotonic() + timeout_s
-            self._sock.sendall(f"ping {request_id}\n".encode())
+            self._send(f"ping {request_id}\n".encode())
             try:
                 self._expect("pong", request_id, deadline)
             except TimeoutError as exc:
@@ -161,14 +175,12 @@ class AgentChannel:
             deadline = started + timeout_s
             header = f"exec {request_id} {user} {len(payload)} {len(stdin)} {cap}\n"
             try:
-                self._sock.sendall(header.encode())
+                self._send(header.encode())
                 # The agent reads the payload only after "go", so the two never interleave.
                 self._expect("go", request_id, max(deadline, started + KILL_GRACE_S))
-                self._sock.sendall(payload + stdin)
+                self._send(payload + stdin)
             except TimeoutError as exc:
                 raise AgentUnresponsive(f"guest agent did not accept request {request_id}") from exc
-            except OSError as exc:
-                raise AgentUnresponsive(f"serial socket {self.socket_path} failed: {exc}") from exc
             timed_out = False
             try:
                 fields = self._expect("res", request_id, deadline)
@@ -176,7 +188,7 @@ class AgentChannel:
                 timed_out = True
                 log.debug("request %s passed its %g s deadline; killing the user's processes",
                           request_id, timeout_s)
-                self._sock.sendall(f"kill {request_id}\n".encode())
+                self._send(f"kill {request_id}\n".encode())
                 try:
                     fields = self._expect("res", request_id, time.monotonic() + KILL_GRACE_S)
                 except TimeoutError as exc:
@@ -184,13 +196,14 @@ class AgentChannel:
                         f"guest agent did not return request {request_id} within "
                         f"{KILL_GRACE_S:g} s after the kill") from exc
             exit_code, out_len, err_len = int(fields[2]), int(fields[3]), int(fields[4])
+            oom_kills = int(fields[5]) if len(fields) > 5 else 0
             body = self._read_exact(out_len + err_len, time.monotonic() + KILL_GRACE_S + timeout_s)
             duration = time.monotonic() - started
         stdout, stderr = body[:out_len], body[out_len:]
         truncated = len(stdout) > cap or len(stderr) > cap
         return AgentResult(exit_code=None if timed_out else exit_code, stdout=stdout[:cap],
                            stderr=stderr[:cap], timed_out=timed_out, truncated=truncated,
-                           duration_s=duration)
+                           duration_s=duration, oom_kills=oom_kills)
 
 
 def command_script(argv: Sequence[str], *, cwd: str, env: Mapping[str, str],
