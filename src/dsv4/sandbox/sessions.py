@@ -68,6 +68,10 @@ class PipeSession(SessionHandle):
         os.set_blocking(stdout_fd, False)
         os.set_blocking(stderr_fd, False)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def run(self, code: str, *, timeout_s: float = 60.0, max_output: int = 1 << 20) -> ExecResult:
         if self._closed:
             raise SandboxLost(self.sandbox_id, f"the {self.kind} session was closed or killed")

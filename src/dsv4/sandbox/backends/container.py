@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -35,10 +36,13 @@ from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResu
 logger = logging.getLogger(__name__)
 
 WAIT_AFTER_KILL_S = 5.0
+RUNSC_ROOT = "runsc-root"      # gVisor state directory under the container state dir
 
 
 class ContainerSandbox(SandboxHandle):
     layer = "container"
+    host_pids_overhead = 0      # host tasks of the runtime itself, added to the pids limit
+    host_memory_overhead_mb = 0  # memory of the runtime itself, added to the memory limit
 
     def __init__(self, sandbox_id: str, spec: SandboxSpec, backend: "ContainerBackend") -> None:
         super().__init__(sandbox_id, spec)
@@ -82,7 +86,9 @@ class ContainerSandbox(SandboxHandle):
         lower = ":".join([*layers, base])
         mounts.mount("overlay", self.merged, "overlay", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"lowerdir={lower},upperdir={upper},workdir={work}")
-        self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
+        self.cgroup.create(cpu=spec.cpu,
+                           memory_bytes=(spec.memory_mb + self.host_memory_overhead_mb) << 20,
+                           pids=spec.pids + self.host_pids_overhead)
 
     # Process start -------------------------------------------------------------------------
     def _next_role(self, prefix: str) -> str:
@@ -262,6 +268,19 @@ class ContainerSandbox(SandboxHandle):
         teardown(self.directory, self.cgroup)
 
 
+def remove_runsc_state(state_dir: str, sandbox_id: str) -> None:
+    """Delete gVisor's bookkeeping files of one sandbox (``<id>_sandbox:<id>.state``, ...)."""
+    root = os.path.join(state_dir, RUNSC_ROOT)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(sandbox_id):
+                path = os.path.join(root, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+
+
 def _is_namespace_init(pid: int) -> bool:
     """Return True when ``pid`` is pid 1 of a nested pid namespace (the NSpid line ends in 1)."""
     try:
@@ -326,12 +345,17 @@ class ContainerBackend(Backend):
         return sandbox
 
     def reap(self, live_ids: set[str]) -> list[str]:
-        found = {n for n in os.listdir(self.state_dir) if n != "seccomp.bpf"}
+        found = {n for n in os.listdir(self.state_dir) if naming.is_owned(n, os.path.dirname(
+            self.state_dir))}
         found |= cgroups.list_sandbox_cgroups(self.layout)
+        runsc_root = os.path.join(self.state_dir, RUNSC_ROOT)
+        if os.path.isdir(runsc_root):
+            found |= {name.split("_")[0] for name in os.listdir(runsc_root)}
         host_state = os.path.dirname(self.state_dir)
         orphans = sorted(i for i in found if i not in live_ids and naming.is_owned(i, host_state))
         for sandbox_id in orphans:
             logger.info("reaping orphaned container sandbox %s", sandbox_id)
             teardown(os.path.join(self.state_dir, sandbox_id),
                      cgroups.SandboxCgroup(self.layout, sandbox_id))
+            remove_runsc_state(self.state_dir, sandbox_id)
         return orphans
