@@ -12,6 +12,7 @@ import os
 import pickle
 import secrets
 import shutil
+import tempfile
 import signal
 import traceback
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from trajlog_env import serve_function_host
 
 from dsv4.sandbox.cluster.local import HostClient, HostProvider
+from dsv4.sandbox.residue import find_residue
 from dsv4.sandbox.trajlog import ToolRequest, TrajectoryLog, TrajectorySession
 from dsv4.sandbox.trajlog.framing import scan_frames
 from dsv4.sandbox.trajlog.journal import WRAPPER
@@ -100,7 +102,9 @@ def run_worker(log_root: Path, traj: str, client_args, last_step: int, kill_at, 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     base = tmp_path_factory.mktemp("faulthost")
-    state_dir = base / "state"
+    # Sandbox processes run as unprivileged uids that must traverse the state directory.
+    state_dir = Path(tempfile.mkdtemp(prefix="dsv4-sbx-replay-", dir="/tmp"))
+    os.chmod(state_dir, 0o755)
     socket_path = str(base / "host.sock")
     authkey = secrets.token_bytes(16)
     context = multiprocessing.get_context("spawn")
@@ -112,14 +116,15 @@ def host(tmp_path_factory):
         if os.path.exists(socket_path):
             break
         process.join(0.05)
-    yield client, (socket_path, authkey)
+    created: list[str] = []
+    yield client, (socket_path, authkey), created
+    assert sorted(client.sandbox_ids()) == sorted(created)  # resumes reattached, none created a sandbox
     stop.set()
     process.join(30)
     assert process.exitcode == 0
-    from dsv4.sandbox.backends.function import FunctionBackend
-    assert FunctionBackend(str(state_dir)).reap(set()) == []  # no directories or cgroups left
-    with open("/proc/self/mounts") as mounts:
-        assert str(state_dir) not in mounts.read()
+    for sandbox_id in created:
+        assert find_residue(sandbox_id, str(state_dir)) == [], sandbox_id
+    shutil.rmtree(state_dir)
 
 
 def counter(client, sandbox_id: str) -> list[int]:
@@ -130,19 +135,20 @@ def counter(client, sandbox_id: str) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(host, tmp_path_factory):
     """An uninterrupted run: its log, sandbox and results."""
-    client, client_args = host
+    client, client_args, created = host
     root = tmp_path_factory.mktemp("reference") / "log"
     session = TrajectorySession.open(TrajectoryLog(root, group_records=4), RUN, "ref", HostProvider(client))
     results = [session.call(s, 0, step_request(s)[0], idempotent=step_request(s)[1]) for s in range(STEPS)]
     session.end()
     session.close()
     assert not any(r.replayed for r in results)
+    created.append(session.env.sandbox_id)
     assert counter(client, session.env.sandbox_id) == list(range(0, STEPS, 3))
     return root, session.env.sandbox_id, outcome(results)
 
 
 def test_kill_at_every_protocol_point(host, reference, tmp_path):
-    client, client_args = host
+    client, client_args, created = host
     log_root = tmp_path / "log"
     hits: dict[str, int] = {}
     for step in range(STEPS):
@@ -162,6 +168,7 @@ def test_kill_at_every_protocol_point(host, reference, tmp_path):
     _, _, expected = reference
     assert pickle.loads(final.read_bytes()) == expected
     sandbox_id = TrajectoryLog(log_root).load(RUN, "t").sandbox_id
+    created.append(sandbox_id)
     assert counter(client, sandbox_id) == list(range(0, STEPS, 3))  # each non-idempotent call ran once
     assert hits["before_intent"] == STEPS
     assert hits["intent_durable"] == len(range(0, STEPS, 3))
@@ -170,7 +177,7 @@ def test_kill_at_every_protocol_point(host, reference, tmp_path):
 
 def test_truncate_log_tail_at_every_offset(host, reference, tmp_path):
     """Cut the reference log at every byte of its tail and resume against its sandbox."""
-    client, _ = host
+    client, _, created = host
     root, sandbox_id, expected = reference
     segments = sorted((root / "segments").glob("*.seg"))
     assert len(segments) == 1
@@ -179,14 +186,19 @@ def test_truncate_log_tail_at_every_offset(host, reference, tmp_path):
     assert valid == len(data)
     tail_records = 9  # the last three steps' INTENT/RESULT pairs, a non-idempotent one among them, and TRAJ_END
     tail_start = frames[-tail_records].offset
+    cuts = range(tail_start, len(data) + 1)
+    kept_at = {cut: sum(1 for f in frames if f.end <= cut) for cut in cuts}
+    # Every cut inside one record leaves the same records, so a full resume runs for the
+    # first, the middle and the last cut of each record; the other cuts check the log only.
+    resume_cuts: set[int] = set()
+    for kept in set(kept_at.values()):
+        same = [cut for cut in cuts if kept_at[cut] == kept]
+        resume_cuts.update((same[0], same[len(same) // 2], same[-1]))
     resumed_per_class: dict[int, int] = {}
-    for cut in range(tail_start, len(data) + 1):
-        kept = sum(1 for f in frames if f.end <= cut)
-        assert len(scan_frames(data[:cut])[0]) == kept
-        # Every cut inside one record leaves the same records, so a full resume runs for the
-        # first, the middle and the last cut of each record; the others check the log only.
-        class_cuts = [c for c in range(tail_start, len(data) + 1) if sum(1 for f in frames if f.end <= c) == kept]
-        if cut not in (class_cuts[0], class_cuts[len(class_cuts) // 2], class_cuts[-1]):
+    for cut in cuts:
+        kept = kept_at[cut]
+        assert len(scan_frames(data[:cut])[0]) == kept, f"cut at byte {cut}"
+        if cut not in resume_cuts:
             continue
         copy = tmp_path / f"cut{cut}"
         (copy / "segments").mkdir(parents=True)

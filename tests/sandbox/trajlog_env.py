@@ -72,11 +72,11 @@ def serve_function_host(state_dir: str, socket_path: str, authkey: bytes, stop) 
     Meant as the target of a spawned process: it plays the host daemon that outlives the
     rollout workers the tests kill.
     """
-    from dsv4.sandbox.backends.function import FunctionBackend
+    from dsv4.sandbox import Host
     from dsv4.sandbox.cluster.local import HostServer, SandboxHost
     from dsv4.sandbox.types import SandboxSpec
 
-    host = SandboxHost(FunctionBackend(state_dir), SandboxSpec(layer="function", memory_mb=256), name="faulthost")
+    host = SandboxHost(Host(state_dir, reap_interval_s=3600), SandboxSpec(layer="function", memory_mb=256))
     server = HostServer(host, socket_path, authkey)
     try:
         stop.wait()

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any, Mapping
 
-from dsv4.sandbox.backends.base import Backend, SandboxHandle
 from dsv4.sandbox.errors import NotSupported, SandboxError, SandboxNotFound
+from dsv4.sandbox.host import Host
 from dsv4.sandbox.trajlog.environment import ReplayEnvironment
 from dsv4.sandbox.trajlog.hashing import ToolResult
 from dsv4.sandbox.types import ExecRequest, SandboxSpec, SnapshotRef
@@ -33,47 +32,35 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class SandboxHost:
-    """Creates, runs and kills the sandboxes of one backend; safe to call from many threads."""
+    """Runs calls on the sandboxes of a `dsv4.sandbox.Host` by sandbox id (thread-safe).
 
-    def __init__(self, backend: Backend, spec: SandboxSpec, *, name: str | None = None) -> None:
-        self.backend = backend
+    Every sandbox it creates uses `spec`. Admission, naming and reaping are the Host's.
+    """
+
+    def __init__(self, host: Host, spec: SandboxSpec) -> None:
+        self.host = host
         self.spec = spec
-        self.name = name or f"host-{uuid.uuid4().hex[:8]}"
-        self._sandboxes: dict[str, SandboxHandle] = {}
-        self._lock = threading.Lock()
-
-    def _new_id(self) -> str:
-        return f"{self.name}-{uuid.uuid4().hex[:12]}"
-
-    def _get(self, sandbox_id: str) -> SandboxHandle:
-        with self._lock:
-            handle = self._sandboxes.get(sandbox_id)
-        if handle is None:
-            raise SandboxNotFound(f"sandbox {sandbox_id} is not owned by host {self.name}; "
-                                  f"it owns {len(self._sandboxes)} sandboxes")
-        return handle
 
     def create(self) -> str:
-        sandbox_id = self._new_id()
-        handle = self.backend.create(sandbox_id, self.spec)
-        with self._lock:
-            self._sandboxes[sandbox_id] = handle
-        return sandbox_id
+        return self.host.create(self.spec).sandbox_id
 
     def alive(self, sandbox_id: str) -> bool:
-        with self._lock:
-            handle = self._sandboxes.get(sandbox_id)
-        return handle is not None and handle.is_alive()
+        try:
+            return self.host.get(sandbox_id).is_alive()
+        except SandboxNotFound:
+            return False
 
     def exec(self, sandbox_id: str, argv: list[str], stdin: bytes, cwd: str | None,
              env: Mapping[str, str], timeout_s: float | None) -> ToolResult:
-        result = self._get(sandbox_id).exec(ExecRequest(argv, stdin=stdin or None, cwd=cwd, env=dict(env),
-                                                        timeout_s=timeout_s or DEFAULT_TIMEOUT_S))
+        request = ExecRequest(argv, stdin=stdin or None, cwd=cwd, env=dict(env),
+                              timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
+        result = self.host.get(sandbox_id).exec(request)
         return ToolResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
 
     def snapshot(self, sandbox_id: str) -> dict[str, Any] | None:
+        """Take a file-system snapshot; None when the layer has none."""
         try:
-            ref = self._get(sandbox_id).snapshot("fs")
+            ref = self.host.get(sandbox_id).snapshot("fs")
         except NotSupported:
             return None
         return {"layer": ref.layer, "kind": ref.kind, "path": ref.path, "source_id": ref.source_id,
@@ -82,29 +69,20 @@ class SandboxHost:
     def restore(self, snapshot: dict[str, Any]) -> str | None:
         ref = SnapshotRef(snapshot["layer"], snapshot["kind"], snapshot["path"], self.spec,
                           snapshot["source_id"], snapshot.get("meta", {}))
-        sandbox_id = self._new_id()
         try:
-            handle = self.backend.restore(sandbox_id, ref)
+            return self.host.restore(ref).sandbox_id
         except (NotSupported, SandboxError, OSError) as error:
-            logger.warning("host %s: restore of %s failed: %s", self.name, snapshot.get("path"), error)
+            logger.warning("restore of snapshot %s failed: %s", snapshot.get("path"), error)
             return None
-        with self._lock:
-            self._sandboxes[sandbox_id] = handle
-        return sandbox_id
 
     def kill(self, sandbox_id: str) -> None:
-        with self._lock:
-            handle = self._sandboxes.pop(sandbox_id, None)
-        if handle is not None:
-            handle.kill()
+        self.host.kill(sandbox_id)
 
     def sandbox_ids(self) -> list[str]:
-        with self._lock:
-            return sorted(self._sandboxes)
+        return sorted(handle.sandbox_id for handle in self.host.list())
 
     def close(self) -> None:
-        for sandbox_id in self.sandbox_ids():
-            self.kill(sandbox_id)
+        self.host.close()
 
 
 class HostProvider:
@@ -144,7 +122,7 @@ class HostServer:
         self.host = host
         self.socket_path = str(socket_path)
         self._listener = Listener(self.socket_path, family="AF_UNIX", authkey=authkey)
-        self._thread = threading.Thread(target=self._accept, name=f"host-server-{host.name}", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name="sandbox-host-server", daemon=True)
         self._closed = False
         self._thread.start()
 
@@ -173,7 +151,7 @@ class HostServer:
                 connection.send(reply)
             except OSError:
                 # The worker died while its call ran; the journal inside the sandbox has the result.
-                logger.info("host %s: client of %s went away before the reply", self.host.name, method)
+                logger.info("host server %s: client of %s went away before the reply", self.socket_path, method)
 
     def close(self) -> None:
         self._closed = True

@@ -37,6 +37,7 @@ class RecordType(enum.IntEnum):
     ABORT = 8
     TRAJ_END = 9
     CONSUMED = 10
+    SANDBOX = 11  # the trajectory's calls run in this sandbox from now on
 
 
 def encode_frame(rtype: RecordType, payload: dict[str, Any]) -> bytes:

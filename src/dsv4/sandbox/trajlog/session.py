@@ -222,6 +222,13 @@ class TrajectorySession:
         if self.env is None:
             self._reattach_tried = True
             self.env = restore_environment(self)
+            if self.env.sandbox_id != self.state.sandbox_id:
+                # Durable before any call runs there, so a later resume reattaches this sandbox
+                # instead of creating another one.
+                # NOTE: a worker killed between creating the sandbox and this append leaves the
+                # sandbox unowned until its lifetime ends.
+                self._append(RecordType.SANDBOX, {"sandbox_id": self.env.sandbox_id}, durable=True)
+                self.state.sandbox_id = self.env.sandbox_id
         self._fault("before_intent", step, call)
         intent = {"step": step, "call": call, "request": request.to_record(), "request_hash": req_hash,
                   "idem_key": key, "idempotent": idempotent, "sandbox_id": self.env.sandbox_id,
