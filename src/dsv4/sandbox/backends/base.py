@@ -136,8 +136,9 @@ class SandboxHandle(abc.ABC):
 class Backend(abc.ABC):
     """Factory of sandboxes of one layer on this host.
 
-    ``state_dir`` is a host directory the backend owns: it keeps per-sandbox directories
-    named after the sandbox id there, so ``reap`` can find them after a crash.
+    ``state_dir`` is the host's state directory. A backend keeps its files under
+    ``<state_dir>/<layer>`` with one directory per sandbox id, so ``reap`` can find them after
+    a crash. The host calls ``reap`` of each layer that has such a directory.
     """
 
     layer: ClassVar[str]
