@@ -40,6 +40,9 @@ class RecordType(enum.IntEnum):
     SANDBOX = 11  # the trajectory's calls run in this sandbox from now on
 
 
+_RECORD_TYPES = {int(t): t for t in RecordType}
+
+
 def encode_frame(rtype: RecordType, payload: dict[str, Any]) -> bytes:
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     if len(body) > MAX_PAYLOAD:
@@ -50,7 +53,7 @@ def encode_frame(rtype: RecordType, payload: dict[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, VERSION, int(rtype), len(body), crc) + body
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Frame:
     rtype: RecordType
     payload: dict[str, Any]
@@ -68,11 +71,13 @@ def _frame_at(data: bytes | memoryview, offset: int) -> Frame | None:
     if end > len(data):
         return None
     body = bytes(data[offset + HEADER_SIZE:end])
-    head = struct.pack("<BBI", version, rtype, length)
-    if zlib.crc32(body, zlib.crc32(head)) != crc:
+    # Bytes 2..8 of the header are the version, type and length fields the CRC covers.
+    if zlib.crc32(body, zlib.crc32(data[offset + 2:offset + 8])) != crc:
+        return None
+    kind = _RECORD_TYPES.get(rtype)
+    if kind is None:
         return None
     try:
-        kind = RecordType(rtype)
         payload = json.loads(body)
     except ValueError:
         return None
