@@ -12,8 +12,9 @@ the ``sandbox_replay`` markers).
 * fast-forward: replayed calls per second through a long logged trajectory;
 * append: a durable INTENT (write + fdatasync) and a group-committed RESULT, per record;
 * open/index: scan + CRC check + JSON decode + grouping of every record in the log;
-* resume: open a logged 50-step trajectory and replay it; with a container, also restore
-  its file-system snapshot after the sandbox is gone and run the first live call.
+* resume: open a logged 50-step trajectory and replay it. With a container, the second
+  row also restores its file-system snapshot after the sandbox is gone and runs the
+  first live call.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from dsv4.sandbox.trajlog import ToolRequest, ToolResult, TrajectoryLog, TrajectorySession  # noqa: E402
 from dsv4.sandbox.trajlog.framing import RecordType  # noqa: E402
+from dsv4.sandbox.trajlog.hashing import idem_key, request_hash  # noqa: E402
+from dsv4.sandbox.trajlog.state import CallEntry  # noqa: E402
 
 MARK_BEGIN = "<!-- sandbox_replay:begin -->"
 MARK_END = "<!-- sandbox_replay:end -->"
@@ -53,13 +56,11 @@ def log_trajectory(root: Path, traj: str, steps: int) -> list[ToolRequest]:
     session._take_lease({}, parent=None)
     requests = [ToolRequest(command=f"python -c 'print({step})'", cwd="/work") for step in range(steps)]
     for step, request in enumerate(requests):
-        from dsv4.sandbox.trajlog.hashing import idem_key, request_hash
         req_hash = request_hash(request)
         key = idem_key("bench", traj, step, 0, req_hash)
         payload = session._append(RecordType.INTENT, {"step": step, "call": 0, "request": request.to_record(),
                                                       "request_hash": req_hash, "idem_key": key,
                                                       "idempotent": step % 3 != 0, "sandbox_id": "none"})
-        from dsv4.sandbox.trajlog.state import CallEntry
         session._record_result(CallEntry(step, 0, payload), ToolResult(0, f"{step}\n".encode() * 8), 0.01,
                                recovered=False)
     session.end()

@@ -184,22 +184,26 @@ def test_truncate_log_tail_at_every_offset(host, reference, tmp_path):
     data = segments[0].read_bytes()
     frames, valid = scan_frames(data)
     assert valid == len(data)
-    tail_records = 9  # the last three steps' INTENT/RESULT pairs, a non-idempotent one among them, and TRAJ_END
+    tail_records = 9  # INTENT and RESULT of steps 48-51 (48 and 51 are non-idempotent), then TRAJ_END
     tail_start = frames[-tail_records].offset
+
     cuts = range(tail_start, len(data) + 1)
     kept_at = {cut: sum(1 for f in frames if f.end <= cut) for cut in cuts}
-    # Every cut inside one record leaves the same records, so a full resume runs for the
-    # first, the middle and the last cut of each record; the other cuts check the log only.
+
+    # Every cut inside one record leaves the same records. So a full resume runs for the
+    # first, the middle and the last cut of each record, and the other cuts check the log only.
     resume_cuts: set[int] = set()
     for kept in set(kept_at.values()):
         same = [cut for cut in cuts if kept_at[cut] == kept]
         resume_cuts.update((same[0], same[len(same) // 2], same[-1]))
+
     resumed_per_class: dict[int, int] = {}
     for cut in cuts:
         kept = kept_at[cut]
         assert len(scan_frames(data[:cut])[0]) == kept, f"cut at byte {cut}"
         if cut not in resume_cuts:
             continue
+
         copy = tmp_path / f"cut{cut}"
         (copy / "segments").mkdir(parents=True)
         (copy / "segments" / segments[0].name).write_bytes(data[:cut])
@@ -211,5 +215,6 @@ def test_truncate_log_tail_at_every_offset(host, reference, tmp_path):
         assert session.env is None or session.env.sandbox_id == sandbox_id
         resumed_per_class[kept] = resumed_per_class.get(kept, 0) + 1
         shutil.rmtree(copy)
+
     assert counter(client, sandbox_id) == list(range(0, STEPS, 3))  # nothing ran twice
     assert len(resumed_per_class) == tail_records + 1

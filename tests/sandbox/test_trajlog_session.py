@@ -207,7 +207,7 @@ def test_divergence_truncate_rebuilds_state(setup):
     second.call(0, 0, bump(0), idempotent=False)
     second.call(1, 0, peek(1), idempotent=True)
     result = second.call(2, 0, bump(20), idempotent=False)
-    assert result.stdout == b"2\n"  # the restored snapshot of step 1 holds one line
+    assert result.stdout == b"2\n"  # the restored snapshot of step 1 contains one line
     state = TrajectoryLog(root).load("run", "t1")
     assert sorted(state.calls) == [(0, 0), (1, 0), (2, 0)]
     assert state.calls[(2, 0)].intent["request"]["command"].startswith("echo 20")
@@ -223,7 +223,7 @@ def test_divergence_fork_keeps_parent(setup):
     second.call(0, 0, bump(0), idempotent=False)
     second.call(1, 0, peek(1), idempotent=True)
     with pytest.raises(Unrecoverable):
-        second.call(2, 0, bump(20), idempotent=False)  # no snapshot holds the state before step 2
+        second.call(2, 0, bump(20), idempotent=False)  # no snapshot contains the state before step 2
     assert second.traj_id.startswith("t1.fork2-")
     parent = TrajectoryLog(root).load("run", "t1")
     child = TrajectoryLog(root).load("run", second.traj_id)

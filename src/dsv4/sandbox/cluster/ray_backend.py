@@ -4,10 +4,10 @@ One `HostAgent` actor per node owns that node's sandboxes (a `dsv4.sandbox.Host`
 own state directory, so admission and reaping stay per node). A sandbox id handed to
 callers is `<local id>@<node id>`, so any worker can route a call to the node that owns
 the sandbox. `RayHosts.provider(traj_id)` places a trajectory on a node by rendezvous
-hashing over the live nodes: a resumed trajectory lands on the node that may still hold
-its sandbox, and when that node died it lands on another one, where the session
-restores the sandbox from the shared trajectory log (snapshot, or a fresh sandbox and
-re-run idempotent calls).
+hashing over the live nodes. A resumed trajectory lands on the node that may still have
+its sandbox. When that node died, it lands on another node, and the session there
+rebuilds the sandbox from the shared trajectory log (a snapshot, or a fresh sandbox
+that re-runs the idempotent calls).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dsv4.sandbox.types import SandboxSpec
 logger = logging.getLogger(__name__)
 
 SEPARATOR = "@"
-# Seconds to wait for an agent actor to answer a liveness check.
+# Seconds to wait for an agent actor's reply to a liveness check.
 PING_TIMEOUT_S = 10.0
 
 

@@ -1,4 +1,4 @@
-"""What a trajectory session needs from a sandbox: journaled exec and a way back to it.
+"""Sandbox access for trajectory sessions: journaled exec and a way back to a sandbox.
 
 `ReplayEnvironment` runs calls through the in-sandbox journal (see `journal.py`) on top
 of any exec function, so it works with every layer whose sandbox has a POSIX shell.
@@ -33,7 +33,7 @@ JOURNAL_TIMEOUT_S = 30.0
 
 
 class ReplayEnvironment:
-    """A live sandbox as the trajectory session sees it.
+    """A live sandbox as used by a trajectory session.
 
     executor: runs argv in the sandbox. journal_dir: absolute path inside the sandbox
     that lives as long as the sandbox. snapshot: returns a JSON-safe reference that the

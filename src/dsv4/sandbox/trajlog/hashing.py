@@ -1,8 +1,9 @@
 """Canonical request hashing for the trajectory log.
 
-A resumed rollout finds its recorded results by hashing the regenerated request, so
-the hash must cover every field that changes what a tool call does and none that
-changes from one attempt to the next (sandbox id, host, wall-clock time, request ids).
+A resumed rollout finds its recorded results by hashing the regenerated request. So
+the hash must cover every field that changes what a tool call does. It must leave out
+every field that changes from one attempt to the next (sandbox id, host, wall-clock
+time, request ids).
 Including a volatile field makes every lookup after a resume miss.
 """
 
@@ -51,7 +52,7 @@ class ToolRequest:
 
     `argv` runs without a shell; `command` is a shell string run with `sh -c`. Exactly
     one of them is set. `files` maps a path inside the sandbox to the sha256 of the
-    bytes uploaded there before the call. `extra` holds tool-specific fields; keys in
+    bytes uploaded there before the call. `extra` contains tool-specific fields; keys in
     VOLATILE_FIELDS are dropped from the hash.
     """
 
@@ -134,7 +135,7 @@ def idem_key(run_id: str, traj_id: str, step: int, call: int, req_hash: str) -> 
 
 @dataclass(frozen=True)
 class ToolResult:
-    """What a tool call returned; `replayed` is True when it came from the log."""
+    """Outcome of a tool call; `replayed` is True when it came from the log."""
 
     exit_code: int | None  # None when the deadline killed the command
     stdout: bytes = b""

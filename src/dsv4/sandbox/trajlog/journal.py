@@ -7,7 +7,7 @@ Every live call of a trajectory runs as
 inside the sandbox. The wrapper claims `<journal dir>/<idem_key>` with `mkdir`, which is
 atomic, before it starts the command. It writes the command's stdout and stderr to files
 there and publishes the exit status with a rename, then copies the output to its own
-stdout and stderr. So the sandbox itself answers, with no help from the worker:
+stdout and stderr. So the sandbox itself reports, with no help from the worker:
 
 * no entry: the call never started, and running it is safe;
 * an entry with `rc`: the call finished, and its full result can be read back;

@@ -2,7 +2,7 @@
 
 Tried in order when the first live call (or an in-doubt call) needs the sandbox:
 
-1. reattach the sandbox that ran the logged calls, if its journal holds every logged
+1. reattach the sandbox that ran the logged calls, if its journal contains every logged
    non-idempotent call and none that an ABORT dropped;
 2. restore the newest snapshot taken before the restore limit, or create a fresh
    sandbox (the image is the implicit snapshot before step 0), and re-run the logged

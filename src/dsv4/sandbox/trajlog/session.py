@@ -12,7 +12,7 @@ with replayed=True and nothing runs. Past the log's end, calls run live:
    store first.
 
 A resume resolves calls with an INTENT but no RESULT through the journal of the sandbox
-that ran them; a non-idempotent call whose sandbox is gone raises InDoubt and never
+that ran them. A non-idempotent call whose sandbox is gone raises InDoubt, so it never
 runs again silently. The sandbox itself is restored lazily, when the first live call
 arrives (see `restore.py`).
 """
@@ -57,7 +57,7 @@ class TrajectorySession:
 
     inline_bytes: stdout/stderr larger than this are stored as blobs (bytes).
     snapshot_every: take a sandbox snapshot after every N-th step (0 = only on request).
-    in_doubt_wait_s: the longest wait for a call that a dead worker left running, seconds.
+    in_doubt_wait_s: the maximum wait for a call that a dead worker left running, seconds.
     fault_hook: called at each FAULT_POINTS entry; tests use it to kill the worker.
     """
 
@@ -273,7 +273,7 @@ class TrajectorySession:
             self.log.writer.sync()
             self.traj_id = f"{self.traj_id}.fork{step}-{uuid.uuid4().hex[:8]}"
             self._take_lease({"forked_from": parent}, parent=parent)
-        # The current sandbox holds effects of the dropped steps, so it cannot be reused.
+        # The current sandbox contains effects of the dropped steps, so it cannot be reused.
         self.env = None
         self._reattach_tried = True
         self._restore_limit = step

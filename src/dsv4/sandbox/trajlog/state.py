@@ -2,8 +2,8 @@
 
 Every record carries the writer's `epoch` and a per-epoch sequence number `seq`. A
 RESUME record of epoch e names the previous epoch and the last `seq` of it that the new
-writer read; records of that epoch with a larger `seq` were appended by a stale writer
-after it was fenced and are ignored. Epochs that no RESUME chain reaches are ignored too.
+writer read. Records of that epoch with a larger `seq` were appended by a stale writer
+after it was fenced, so they are ignored. Epochs that no RESUME chain reaches are ignored too.
 """
 
 from __future__ import annotations

@@ -72,11 +72,11 @@ class TrajectoryLog:
         for path in self.segment_paths():
             offsets = read_sparse_index(path)
             if offsets is not None:
-                wanted = offsets.get(name)
-                if not wanted:
+                traj_offsets = offsets.get(name)
+                if not traj_offsets:
                     continue
                 data = path.read_bytes()
-                for offset in wanted:
+                for offset in traj_offsets:
                     frame = next(iter_frames(data, offset), None)
                     if frame is not None and _belongs(frame, run_id, traj_id):
                         found.append(frame)
