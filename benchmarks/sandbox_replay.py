@@ -212,7 +212,8 @@ def main() -> None:
         "## Trajectory log (replay)",
         "",
         f"`python benchmarks/sandbox_replay.py` on {platform.node() or 'this host'} "
-        f"({os.cpu_count()} CPUs, Python {platform.python_version()}, log under {tempfile.gettempdir()}).",
+        f"({os.cpu_count()} CPUs, Python {platform.python_version()}, log under {tempfile.gettempdir()}, "
+        f"1-minute load average {os.getloadavg()[0]:.1f} at the end; other work on the host inflates every row).",
         "",
         *table,
     ])
