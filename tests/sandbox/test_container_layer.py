@@ -135,7 +135,7 @@ def test_deadline_keeps_partial_output(sandbox):
 def test_journal_entry_written(sandbox):
     sandbox.exec("echo journaled", idem_key="e" * 64)
     assert len(sandbox.handle.journal_lookup("e" * 64)) == 64
-    assert sandbox.exec(f"ls /run/sbx/journal").stdout.split() == [b"e" * 64]
+    assert sandbox.exec("ls /run/sbx/journal").stdout.split() == [b"e" * 64]
 
 
 def test_pause_blocks_until_resume(sandbox):

@@ -141,7 +141,7 @@ class Sandbox:
 
         ``cpu`` is in cores, ``memory_mb`` and ``disk_mb`` in MiB, ``pids`` counts processes
         and threads, ``lifetime_s`` is seconds until the host kills the sandbox (extend with
-        ``set_timeout``). ``network`` accepts only ``"none"``. ``options`` holds layer-specific
+        ``set_timeout``). ``network`` accepts only ``"none"``. ``options`` contains layer-specific
         settings, such as ``{"runtime": "runsc"}`` for the container layer. Raises ``Busy``
         when the host budget is used up and ``StartError`` when the layer fails to start.
         """

@@ -29,7 +29,7 @@ CPU_PERIOD_US = 100_000
 
 @dataclass(frozen=True)
 class CgroupLayout:
-    """Where this process's cgroups are: v1 controller directories and the v2 directory."""
+    """Locations of this process's cgroups: v1 controller directories and the v2 directory."""
 
     mode: str                            # "v2", "hybrid" or "v1"
     v1: dict[str, str]                   # controller -> directory of our own cgroup

@@ -1,8 +1,8 @@
 """Host resource control: admission by CPU and memory budget, sandbox ids, lifetimes, reaping.
 
 One ``Host`` owns every sandbox it creates on this machine under one state directory. Admission
-reserves each sandbox's ``cpu`` and ``memory_mb`` against the host budget and raises ``Busy``
-with a retry delay when they do not fit; it never queues. A reaper thread kills sandboxes whose
+reserves each sandbox's ``cpu`` and ``memory_mb`` against the host budget. When they do not
+fit, it raises ``Busy`` with a retry delay instead of queueing. A reaper thread kills sandboxes whose
 lifetime ended and removes host resources (cgroups, mounts, directories, processes) that carry
 this host's tag but belong to no live sandbox. It runs at start-up, so a restarted host cleans
 up after a crashed one, and then every ``reap_interval_s``.

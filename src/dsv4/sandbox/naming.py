@@ -1,9 +1,9 @@
 """Names of host resources: every one carries the id of the sandbox that owns it.
 
-A sandbox id is ``<host tag>-<random hex>``. The host tag is derived from the state directory,
-so a restarted host with the same state directory recognises (and reaps) what its previous run
-left behind, while sandboxes of other hosts on the same machine (other state directories) are
-never touched.
+A sandbox id is ``<host tag>-<random hex>``. The host tag is derived from the state directory.
+A restarted host with the same state directory therefore recognises and reaps what its previous
+run left behind. Sandboxes of hosts with other state directories on the same machine are never
+touched.
 """
 
 from __future__ import annotations

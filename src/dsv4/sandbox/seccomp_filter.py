@@ -1,9 +1,10 @@
 """The seccomp deny-list shared by the function and container layers.
 
-Default action is allow. The listed system calls fail with EPERM: kernel-module, kexec, BPF,
-perf, keyring and mount/namespace calls (large kernel attack surface, unused by ordinary
-tools), and ``socket`` for every address family except ``AF_UNIX``, so even a sandbox that
-somehow shared the host network namespace could not open an IP socket. Built with ``pyseccomp``
+Default action is allow. The listed system calls fail with EPERM. They are the kernel-module,
+kexec, BPF, perf, keyring, mount and namespace calls, which expose a large kernel attack
+surface and which ordinary tools do not use. ``socket`` also fails for every address family
+except ``AF_UNIX``, so even a sandbox that shared the host network namespace could not open an
+IP socket. Built with ``pyseccomp``
 (ctypes over libseccomp).
 """
 

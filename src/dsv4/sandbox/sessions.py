@@ -1,7 +1,7 @@
 """Persistent bash and Python sessions over the stdio pipes of one long-lived process.
 
-Each ``run`` writes the code followed by a command that prints a random end marker (with the
-exit status) on stdout and on stderr; the reader collects output until both markers arrive.
+Each ``run`` writes the code, then a command that prints a random end marker and the exit
+status on stdout and on stderr. The reader collects output until both markers arrive.
 The host enforces the deadline: on timeout it calls ``kill`` (the layer kills the session's
 cgroup leaf) and the session is dead from then on.
 """

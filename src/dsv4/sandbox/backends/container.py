@@ -3,9 +3,9 @@
 Per sandbox the host mounts a tmpfs (size = ``disk_mb``) holding the minimal root and the
 overlay's upper and work directories, then an overlay of the image layers at ``merged``.
 bubblewrap 0.8 has no overlay options, so the host mounts the overlay itself and binds it as
-``/``. Every exec and session is one bubblewrap process that first joins its own cgroup leaf,
-then drops to the sandbox's unprivileged host uid (root inside a user namespace) and enters new
-user, pid, net, ipc, uts and mount namespaces with the seccomp filter loaded. Files and
+``/``. Every exec and session is one bubblewrap process. It first joins its own cgroup leaf, then
+drops to the sandbox's unprivileged host uid, which is root inside a new user namespace. It
+enters new user, pid, net, ipc, uts and mount namespaces and loads the seccomp filter. Files and
 ``/tmp`` persist across execs; processes do not outlive their exec (use a session for that).
 """
 
@@ -22,16 +22,16 @@ import uuid
 from typing import Literal
 
 from dsv4.sandbox import cgroups, images, mounts, naming
-from dsv4.sandbox.backends.base import (Backend, ProbeResult, SandboxHandle, SessionHandle,
-                                        SessionKind, result_digest)
+from dsv4.sandbox.backends.base import Backend, ProbeResult, SessionHandle, SessionKind
+from dsv4.sandbox.backends.host_root import HostRootSandbox, start_or_clean_up
 from dsv4.sandbox.backends.function import sandbox_uid, teardown
-from dsv4.sandbox.errors import InvalidSpec, SandboxLost, StartError
+from dsv4.sandbox.errors import InvalidSpec, SandboxLost
 from dsv4.sandbox.procio import pump
 from dsv4.sandbox.rootfs_files import RootFiles
 from dsv4.sandbox.seccomp_filter import write_bpf
 from dsv4.sandbox.sessions import SESSION_ARGV, PipeSession
-from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResult, FileInfo,
-                                SandboxSpec, SandboxStats, SnapshotRef)
+from dsv4.sandbox.types import (Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats,
+                                SnapshotRef)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ WAIT_AFTER_KILL_S = 5.0
 RUNSC_ROOT = "runsc-root"      # gVisor state directory under the container state dir
 
 
-class ContainerSandbox(SandboxHandle):
+class ContainerSandbox(HostRootSandbox):
     layer = "container"
     host_pids_overhead = 0      # host tasks of the runtime itself, added to the pids limit
     host_memory_overhead_mb = 0  # memory of the runtime itself, added to the memory limit
@@ -182,8 +182,7 @@ class ContainerSandbox(SandboxHandle):
         result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
                             io.timed_out, io.truncated, io.duration_s,
                             oom_killed=oom_killed)
-        if request.idem_key:
-            self.files.write(f"{JOURNAL_DIR}/{request.idem_key}", result_digest(result).encode())
+        self.write_journal(request, result)
         return result
 
     def open_session(self, kind: SessionKind = "bash") -> SessionHandle:
@@ -194,7 +193,7 @@ class ContainerSandbox(SandboxHandle):
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         try:
-            process = self._spawn(role, SESSION_ARGV[kind], None, {}, stdin_r, stdout_w, stderr_w)
+            self._spawn(role, SESSION_ARGV[kind], None, {}, stdin_r, stdout_w, stderr_w)
         finally:
             for fd in (stdin_r, stdout_w, stderr_w):
                 os.close(fd)
@@ -207,25 +206,6 @@ class ContainerSandbox(SandboxHandle):
         session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r, kill_session)
         self._sessions.append(session)
         return session
-
-    # File plane ----------------------------------------------------------------------------
-    def read_file(self, path: str) -> bytes:
-        return self.files.read(path)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self.files.write(path, data, mode)
-
-    def list_dir(self, path: str) -> list[FileInfo]:
-        return self.files.list(path)
-
-    def remove(self, path: str) -> None:
-        self.files.remove(path)
-
-    def journal_lookup(self, idem_key: str) -> str | None:
-        try:
-            return self.files.read(f"{JOURNAL_DIR}/{idem_key}").decode()
-        except FileNotFoundError:
-            return None
 
     # Snapshot and lifecycle ------------------------------------------------------------------
     def snapshot(self, kind: Literal["fs", "full"] = "fs") -> SnapshotRef:
@@ -241,19 +221,8 @@ class ContainerSandbox(SandboxHandle):
         return SnapshotRef(self.layer, "fs", target, self.spec, self.sandbox_id,
                            {"uid": self.uid})
 
-    def pause(self) -> None:
-        self.cgroup.freeze(True)
-
-    def resume(self) -> None:
-        self.cgroup.freeze(False)
-
     def stats(self) -> SandboxStats:
-        cpu_s, memory, count = self.cgroup.usage()
-        disk = 0
-        if os.path.ismount(self.rw):
-            info = os.statvfs(self.rw)
-            disk = (info.f_blocks - info.f_bfree) * info.f_frsize
-        return SandboxStats(cpu_s, memory, count, disk, time.monotonic() - self.created)
+        return self.host_stats(self.rw)
 
     def is_alive(self) -> bool:
         return not self._killed and os.path.ismount(self.merged)
@@ -334,15 +303,8 @@ class ContainerBackend(Backend):
 
     def _start(self, sandbox: ContainerSandbox, upper_from: str | None,
                previous_uid: int | None) -> ContainerSandbox:
-        try:
-            sandbox.start(upper_from, previous_uid)
-        except BaseException as error:
-            sandbox.kill()
-            if isinstance(error, (OSError, subprocess.CalledProcessError)):
-                raise StartError("container sandbox failed to start", layer=self.layer,
-                                 detail=str(error)) from error
-            raise
-        return sandbox
+        return start_or_clean_up(sandbox, lambda: sandbox.start(upper_from, previous_uid),
+                                 "container sandbox failed to start")
 
     def reap(self, live_ids: set[str]) -> list[str]:
         found = {n for n in os.listdir(self.state_dir) if naming.is_owned(n, os.path.dirname(

@@ -23,15 +23,16 @@ import uuid
 from typing import Literal
 
 from dsv4.sandbox import naming
-from dsv4.sandbox.backends.base import ProbeResult, SessionHandle, SessionKind, result_digest
+from dsv4.sandbox.backends.base import ProbeResult, SessionHandle, SessionKind
+from dsv4.sandbox.backends.host_root import start_or_clean_up
 from dsv4.sandbox.backends.container import (RUNSC_ROOT, ContainerBackend, ContainerSandbox,
                                              remove_runsc_state)
 from dsv4.sandbox.backends.function import teardown
 from dsv4.sandbox.errors import InvalidSpec, SandboxLost, StartError
 from dsv4.sandbox.procio import pump
 from dsv4.sandbox.sessions import SESSION_ARGV, PipeSession
-from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResult, SandboxSpec,
-                                SandboxStats, SnapshotRef)
+from dsv4.sandbox.types import (Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats,
+                                SnapshotRef)
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ INIT_ARGV = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait
 class RunscSandbox(ContainerSandbox):
     layer = "container"
     # NOTE: the cgroup pids limit also counts the Sentry's and gofer's host threads (about 50
-    # when idle, more under ptrace with many guest threads), so it is raised by this estimate
-    # and a guest fork bomb can still exhaust it and stop the Sentry (the sandbox is then lost,
-    # the host is unaffected).
+    # when idle, more under ptrace with many guest threads), so it is raised by this estimate.
+    # A guest fork bomb can still exhaust it and stop the Sentry. The sandbox is then lost,
+    # and the host is unaffected.
     host_pids_overhead = 256
     # The Sentry's own memory (an estimate). Guest commands run under RLIMIT_AS = memory_mb,
     # so one runaway process fails inside the sandbox before the cgroup kills the Sentry.
@@ -195,7 +196,7 @@ class RunscSandbox(ContainerSandbox):
             process.kill()
 
         def sweep_after_exit() -> None:
-            # A background child that still holds the output pipes after the command exited
+            # A background child that still keeps the output pipes open after the command exited
             # would keep the exec open until its deadline, so it is killed after a short grace.
             # Children that redirected their output (proper daemons) close the pipes and live.
             process.wait()
@@ -225,8 +226,7 @@ class RunscSandbox(ContainerSandbox):
         result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
                             io.timed_out, io.truncated, io.duration_s,
                             oom_killed=self.cgroup.oom_kills() > oom_before)
-        if request.idem_key:
-            self.files.write(f"{JOURNAL_DIR}/{request.idem_key}", result_digest(result).encode())
+        self.write_journal(request, result)
         return result
 
     def open_session(self, kind: SessionKind = "bash") -> SessionHandle:
@@ -244,7 +244,7 @@ class RunscSandbox(ContainerSandbox):
                 os.close(fd)
         session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r,
                               lambda: self._end_session(role, process, pid_file))
-        # The first run waits until the shell answers, so its pid file exists afterwards.
+        # The first run returns once the shell has started, so its pid file exists afterwards.
         session.run("true" if kind == "bash" else "pass", timeout_s=RUNSC_TIMEOUT_S)
         pid = self._read_pid(pid_file)
         if pid is not None:
@@ -373,21 +373,15 @@ class RunscBackend(ContainerBackend):
         return self._start_runsc(RunscSandbox(sandbox_id, ref.spec, self), ref)
 
     def _start_runsc(self, sandbox: RunscSandbox, ref: SnapshotRef | None) -> RunscSandbox:
-        try:
+        def start() -> None:
             if ref is None:
                 sandbox.start()
                 sandbox.start_runsc()
-            else:
-                sandbox.start(os.path.join(ref.path, "upper"), ref.meta.get("uid"))
-                image = os.path.join(ref.path, "image") if ref.kind == "full" else None
-                sandbox.start_runsc(image)
-        except BaseException as error:
-            sandbox.kill()
-            if isinstance(error, (OSError, subprocess.SubprocessError)):
-                raise StartError("gVisor container failed to start", layer=self.layer,
-                                 detail=str(error)) from error
-            raise
-        return sandbox
+                return
+            sandbox.start(os.path.join(ref.path, "upper"), ref.meta.get("uid"))
+            sandbox.start_runsc(os.path.join(ref.path, "image") if ref.kind == "full" else None)
+
+        return start_or_clean_up(sandbox, start, "gVisor container failed to start")
 
     def reap(self, live_ids: set[str]) -> list[str]:
         orphans = super().reap(live_ids)

@@ -1,9 +1,9 @@
 """Function layer: a warm zygote per sandbox forks one child per call.
 
-Isolation per call: the sandbox's own mount, network (loopback only, down), IPC and UTS
-namespaces; a chroot into a tmpfs root (size = ``disk_mb``) that sees only the host's ``/usr``
-and Python installation, read-only; a per-sandbox unprivileged uid; rlimits; the seccomp
-deny-list; and a cgroup leaf per call under the sandbox's memory/pids/cpu limits. The host reads
+Each sandbox has its own mount, network (loopback only, down), IPC and UTS namespaces. Calls
+run chrooted in a tmpfs root (size = ``disk_mb``) that sees only the host's ``/usr`` and Python
+installation, read-only. Each call also gets a per-sandbox unprivileged uid, rlimits, the
+seccomp deny-list, and a cgroup leaf under the sandbox's memory, pids and CPU limits. The host reads
 the output and kills the leaf at the deadline. Files written under the workdir persist between
 calls; each call also gets a fresh scratch directory (``$TMPDIR``) that is removed afterwards.
 """
@@ -25,12 +25,12 @@ import time
 from typing import Any, Callable
 
 from dsv4.sandbox import cgroups, images, mounts, naming
-from dsv4.sandbox.backends.base import Backend, ProbeResult, SandboxHandle, result_digest
+from dsv4.sandbox.backends.base import Backend, ProbeResult
+from dsv4.sandbox.backends.host_root import HostRootSandbox, start_or_clean_up
 from dsv4.sandbox.errors import RemoteError, SandboxLost, StartError
 from dsv4.sandbox.procio import pump
 from dsv4.sandbox.rootfs_files import RootFiles
-from dsv4.sandbox.types import (JOURNAL_DIR, Capabilities, ExecRequest, ExecResult, FileInfo,
-                                SandboxSpec, SandboxStats)
+from dsv4.sandbox.types import Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def sandbox_uid(sandbox_id: str) -> int:
     return UID_BASE + digest % UID_RANGE
 
 
-class FunctionSandbox(SandboxHandle):
+class FunctionSandbox(HostRootSandbox):
     layer = "function"
 
     def __init__(self, sandbox_id: str, spec: SandboxSpec, backend: "FunctionBackend") -> None:
@@ -144,9 +144,7 @@ class FunctionSandbox(SandboxHandle):
             exit_code = None if io.timed_out else _exit_code(status)
             result = ExecResult(exit_code, io.stdout, io.stderr, io.timed_out, io.truncated,
                                 io.duration_s, oom_killed=oom_killed)
-            if request.idem_key:
-                self.files.write(f"{JOURNAL_DIR}/{request.idem_key}",
-                                 result_digest(result).encode())
+            self.write_journal(request, result)
             return result, extras.get(extra[0], b"") if extra else b""
 
     def _expect(self, key: str) -> dict:
@@ -179,8 +177,8 @@ class FunctionSandbox(SandboxHandle):
         """Run ``function(*args, **kwargs)`` in a forked child; return (value, output).
 
         ``function`` must be importable by reference (a module-level function). The value
-        comes back as JSON, so it must be JSON-serialisable; an exception raised by the function
-        is re-raised here as ``RemoteError`` with the sandbox's traceback.
+        comes back as JSON, so it must be JSON-serialisable. An exception raised by the
+        function is re-raised here as ``RemoteError`` with the sandbox's traceback.
         """
         payload = pickle.dumps((function, args, kwargs))
         request = ExecRequest(["<call>"], timeout_s=timeout_s, max_output=max_output)
@@ -193,39 +191,9 @@ class FunctionSandbox(SandboxHandle):
                               result=result)
         return reply["value"], result
 
-    # File plane ----------------------------------------------------------------------------
-    def read_file(self, path: str) -> bytes:
-        return self.files.read(path)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self.files.write(path, data, mode)
-
-    def list_dir(self, path: str) -> list[FileInfo]:
-        return self.files.list(path)
-
-    def remove(self, path: str) -> None:
-        self.files.remove(path)
-
-    def journal_lookup(self, idem_key: str) -> str | None:
-        try:
-            return self.files.read(f"{JOURNAL_DIR}/{idem_key}").decode()
-        except FileNotFoundError:
-            return None
-
     # Lifecycle -------------------------------------------------------------------------------
-    def pause(self) -> None:
-        self.cgroup.freeze(True)
-
-    def resume(self) -> None:
-        self.cgroup.freeze(False)
-
     def stats(self) -> SandboxStats:
-        cpu_s, memory, count = self.cgroup.usage()
-        disk = 0
-        if os.path.ismount(self.root):
-            info = os.statvfs(self.root)
-            disk = (info.f_blocks - info.f_bfree) * info.f_frsize
-        return SandboxStats(cpu_s, memory, count, disk, time.monotonic() - self.created)
+        return self.host_stats(self.root)
 
     def is_alive(self) -> bool:
         if self._dead_reason or self._zygote_fd < 0:
@@ -327,17 +295,7 @@ class FunctionBackend(Backend):
 
     def create(self, sandbox_id: str, spec: SandboxSpec) -> FunctionSandbox:
         sandbox = FunctionSandbox(sandbox_id, spec, self)
-        try:
-            sandbox.start()
-        except BaseException as error:
-            sandbox.kill()
-            if isinstance(error, StartError):
-                raise
-            if isinstance(error, OSError):
-                raise StartError("function sandbox failed to start", layer=self.layer,
-                                 detail=str(error)) from error
-            raise
-        return sandbox
+        return start_or_clean_up(sandbox, sandbox.start, "function sandbox failed to start")
 
     def reap(self, live_ids: set[str]) -> list[str]:
         found = set(os.listdir(self.state_dir)) | cgroups.list_sandbox_cgroups(self.layout)

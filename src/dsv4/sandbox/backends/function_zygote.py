@@ -4,9 +4,10 @@ Start-up (once per sandbox): enter new mount, network, IPC and UTS namespaces, b
 ``/usr`` and the Python installation read-only into the sandbox root (a tmpfs the host mounted),
 mount ``/proc`` with ``hidepid=2`` and import what calls will need.
 
-Per request: fork a child that joins the request's cgroup leaf, takes the stdio pipes the host
-sent over the control socket, chroots into the root, drops to the sandbox uid, applies rlimits
-and the seccomp filter, then execs the command or runs the Python callable. The zygote reports
+Per request, the zygote forks a child. The child joins the request's cgroup leaf and takes the
+stdio pipes that the host sent over the control socket. It then chroots into the root, drops to
+the sandbox uid and applies rlimits and the seccomp filter. Last, it execs the command or runs
+the Python callable. The zygote reports
 the child's pid and later its exit status. It never enforces deadlines: the host kills the
 child's cgroup leaf. The zygote exits when the host closes the control socket.
 """
