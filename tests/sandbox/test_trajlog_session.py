@@ -270,3 +270,23 @@ def test_gc_collects_consumed_trajectories(setup):
     assert report.blobs_deleted == 1
     assert not TrajectoryLog(root).load("run", "done").exists
     assert len(TrajectoryLog(root).load("run", "keep").completed()) == 1
+
+
+def test_model_records_and_history(setup):
+    root, provider = setup
+    first = TrajectorySession.open(TrajectoryLog(root), "run", "t1", provider)
+    for step, (request, idempotent) in enumerate(plan(3)):
+        assert first.record_model(step, {"tokens_sha256": f"h{step}", "policy": 3})
+        first.call(step, 0, request, idempotent=idempotent)
+    first.close()
+
+    second = TrajectorySession.open(TrajectoryLog(root), "run", "t1", provider)
+    turns = second.history()
+    assert [turn["step"] for turn in turns] == [0, 1, 2]
+    assert turns[1]["model"] == {"tokens_sha256": "h1", "policy": 3}
+    assert turns[2]["calls"][0][1] == bump(2)
+    assert turns[2]["calls"][0][2].stdout == b"2\n"
+    assert second.record_model(0, {"tokens_sha256": "h0", "policy": 3})
+    assert not second.record_model(1, {"tokens_sha256": "other", "policy": 3})
+    assert second.model_divergences == 1
+    assert provider.created == 1  # rebuilding the history needed no sandbox

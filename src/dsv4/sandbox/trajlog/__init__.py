@@ -7,12 +7,13 @@ session reaches its sandbox) and `collect_garbage`.
 
 from .environment import EnvironmentProvider, ReplayEnvironment
 from .errors import StaleWriter, Unrecoverable
+from .gc import GcReport, collect_garbage
 from .hashing import ToolRequest, ToolResult, canonical_json, idem_key, request_hash, result_hash
 from .session import FAULT_POINTS, DivergencePolicy, TrajectorySession
 from .store import TrajectoryLog
 
 __all__ = [
-    "DivergencePolicy", "EnvironmentProvider", "FAULT_POINTS", "ReplayEnvironment", "StaleWriter",
-    "ToolRequest", "ToolResult", "TrajectoryLog", "TrajectorySession", "Unrecoverable", "canonical_json",
+    "DivergencePolicy", "EnvironmentProvider", "FAULT_POINTS", "GcReport", "ReplayEnvironment", "StaleWriter",
+    "ToolRequest", "ToolResult", "TrajectoryLog", "TrajectorySession", "Unrecoverable", "canonical_json", "collect_garbage",
     "idem_key", "request_hash", "result_hash",
 ]

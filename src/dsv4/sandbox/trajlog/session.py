@@ -83,6 +83,7 @@ class TrajectorySession:
         self.resumed = False
         self.replayed_calls = 0
         self.live_calls = 0
+        self.model_divergences = 0
         self._reattach_tried = False
         self._restore_limit: int | None = None  # sandbox state must be from before this step
 
@@ -158,7 +159,11 @@ class TrajectorySession:
     # -- tool calls -----------------------------------------------------------------
 
     def call(self, step: int, call: int, request: ToolRequest, *, idempotent: bool) -> ToolResult:
-        """Return the result of tool call `call` of agent turn `step`, from the log or live."""
+        """Return the result of tool call `call` of agent turn `step`, from the log or live.
+
+        Calls of one session must not overlap: parallel tool calls of a turn get distinct
+        `call` indexes but run one after another.
+        """
         req_hash = request_hash(request)
         key = idem_key(self.run_id, self.traj_id, step, call, req_hash)
         entry = self.state.calls.get((step, call))
@@ -284,6 +289,8 @@ class TrajectorySession:
         """Snapshot the sandbox after `step` and log it; None when the layer cannot snapshot."""
         if self.env is None:
             return None
+        # NOTE: old snapshots are never deleted here, so their storage grows by one per call;
+        # restore only needs the newest one before a divergence point.
         ref = self.env.snapshot()
         if ref is None:
             return None
@@ -292,9 +299,39 @@ class TrajectorySession:
         self.state.snapshots.append(payload)
         return ref
 
-    def record_model(self, step: int, payload: dict[str, Any]) -> None:
-        """Log the model's output for a turn (token hash, logprobs, policy version)."""
-        self._append(RecordType.MODEL, {"step": step, "model": payload})
+    def record_model(self, step: int, payload: dict[str, Any]) -> bool:
+        """Log the model's output for a turn (token hash, logprobs, policy version).
+
+        When the turn is already logged, nothing is appended and the return value says
+        whether the new output matches the logged one. Batched sampling is not
+        bit-reproducible, so a mismatch is counted in `model_divergences` and logged,
+        not raised.
+        """
+        logged = self.state.models.get(step)
+        if logged is not None:
+            if logged["model"] == payload:
+                return True
+            self.model_divergences += 1
+            logger.warning("trajectory %s/%s: model output of step %d differs from the logged one",
+                           self.run_id, self.traj_id, step)
+            return False
+        self.state.models[step] = self._append(RecordType.MODEL, {"step": step, "model": payload})
+        return True
+
+    def history(self) -> list[dict[str, Any]]:
+        """Return the logged turns in step order, to rebuild the agent's context without the model.
+
+        Each turn is {"step", "model" (payload or None), "calls": [(call, ToolRequest, ToolResult)]}.
+        """
+        steps = sorted({step for step, _ in self.state.calls} | set(self.state.models))
+        turns = []
+        for step in steps:
+            model = self.state.models.get(step)
+            calls = [(entry.call, ToolRequest.from_record(entry.intent["request"]),
+                      self._result_from_record(entry.result))
+                     for entry in self.state.completed() if entry.step == step]
+            turns.append({"step": step, "model": model["model"] if model else None, "calls": calls})
+        return turns
 
     def record_reward(self, value: float, **extra: Any) -> None:
         self._append(RecordType.REWARD, {"reward": value, **extra}, durable=True)
