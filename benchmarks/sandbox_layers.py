@@ -50,6 +50,9 @@ BENCHES = {
     "function": LayerBench("function", {"memory_mb": 64}, idle_session=False,
                            target_cold_ms=5.0),
     "container": LayerBench("container", {"memory_mb": 64}, target_cold_ms=25.0),
+    "container-runsc": LayerBench("container", {"memory_mb": 128,
+                                                "options": {"runtime": "runsc"}},
+                                  cold_runs=5, idle_count=10, target_cold_ms=300.0),
 }
 
 
@@ -151,6 +154,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     state_dir = tempfile.mkdtemp(prefix="dsv4-sbx-bench-", dir="/tmp")
     os.chmod(state_dir, 0o755)
     # Admission would stop the density run at the CPU budget (8 x cores at 1 core each), so
@@ -176,7 +180,9 @@ def main() -> None:
         "## Sandbox layers\n\n"
         f"`python benchmarks/sandbox_layers.py` on {platform.node()}: {os.cpu_count()} CPUs, "
         f"Linux {platform.release()}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}. Cold start is create until the first `true` result; "
+        f"{time.strftime('%Y-%m-%d')}, 1-minute load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after (other work on a shared host inflates every row). "
+        "Cold start is create until the first `true` result; "
         "creates/s is create + first command + kill with two client threads; idle sandboxes "
         "each hold an open bash session where the layer has sessions.\n\n"
         "| layer | cold start p50 (ms) | p99 (ms) | target p50 (ms) | creates/s "

@@ -34,15 +34,17 @@ def temporary_host(**kwargs) -> Iterator[Host]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def assert_no_residue(sandbox_id: str, host: Host, wait_s: float = 3.0) -> None:
+def assert_no_residue(sandbox_id: str, host: Host | str, wait_s: float = 3.0) -> None:
     """Assert nothing of the sandbox is left, allowing ``wait_s`` for asynchronous exits.
 
+    ``sandbox_id`` may also be a host tag followed by "-", which matches all its sandboxes.
     The wait covers zombies of exited helpers (bubblewrap reports its exit status before
     reaping its own child, so that child is reaped by the host's init shortly after).
     """
+    state_dir = host if isinstance(host, str) else host.state_dir
     deadline = time.monotonic() + wait_s
-    leftovers = find_residue(sandbox_id, host.state_dir)
+    leftovers = find_residue(sandbox_id, state_dir)
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.1)
-        leftovers = find_residue(sandbox_id, host.state_dir)
+        leftovers = find_residue(sandbox_id, state_dir)
     assert leftovers == [], f"sandbox {sandbox_id} left host resources behind: {leftovers}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import time
 
 import pytest
@@ -133,10 +135,35 @@ def test_journal_entry_written(sandbox):
     assert sandbox.handle.journal_lookup("0" * 64) is None
 
 
-def test_pause_and_resume(sandbox):
+def test_pause_blocks_until_resume(sandbox):
+    results = []
     sandbox.pause()
-    sandbox.resume()
-    assert sandbox.exec("echo resumed").stdout == b"resumed\n"
+    try:
+        worker = threading.Thread(target=lambda: results.append(sandbox.exec("echo resumed")))
+        worker.start()
+        worker.join(0.7)
+        assert worker.is_alive(), "a call completed while the sandbox was paused"
+    finally:
+        sandbox.resume()
+    worker.join(10)
+    assert results[0].stdout == b"resumed\n"
+
+
+def test_snapshot_restore_and_fork(host, sandbox):
+    sandbox.exec("echo snap > /work/snap.txt")
+    ref = sandbox.snapshot("fs")
+    try:
+        clones = [Sandbox.from_snapshot(ref, host=host), *sandbox.fork(1)]
+        for clone in clones:
+            assert clone.exec("cat /work/snap.txt").stdout == b"snap\n"
+            clone.exec("echo mine > /work/own.txt")
+            clone.kill()
+            assert_no_residue(clone.id, host)
+        assert not sandbox.files.exists("/work/own.txt")
+        snapshots = os.path.join(host.state_dir, "snapshots", "function")
+        assert os.listdir(snapshots) == [os.path.basename(ref.path)], "fork kept its snapshot"
+    finally:
+        shutil.rmtree(ref.path, ignore_errors=True)
 
 
 def test_kill_is_idempotent_and_clean(host):

@@ -10,13 +10,17 @@ import tempfile
 import pytest
 
 from dsv4.cli.main import main
+from dsv4.sandbox import naming
+from layer_support import assert_no_residue
 
 
 @pytest.fixture
 def state_dir():
+    """A host state directory; afterwards nothing carrying its host tag may remain."""
     path = tempfile.mkdtemp(prefix="dsv4-sbx-cli-", dir="/tmp")
     os.chmod(path, 0o755)
     yield path
+    assert_no_residue(naming.host_tag(path) + "-", path)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -18,6 +18,7 @@ The layer (``function``, ``container``, ``microvm``, ``vm``) is the only switch;
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from dsv4.sandbox.backends.base import SandboxHandle, SessionHandle, SessionKind
@@ -239,12 +240,16 @@ class Sandbox:
     def fork(self, count: int = 1) -> list["Sandbox"]:
         """Return ``count`` new sandboxes restored from a snapshot of this one.
 
-        Uses a full snapshot where the layer supports it, else a filesystem snapshot.
+        Uses a full snapshot where the layer supports it, else a filesystem snapshot. The
+        snapshot is deleted once the clones exist, because each clone has its own copy.
         """
         backend = self._host.backend(self.layer, self.spec.options.get("runtime"))
         kind: Literal["fs", "full"] = "full" if backend.capabilities().snapshot_full else "fs"
         ref = self.snapshot(kind)
-        return [Sandbox.from_snapshot(ref, host=self._host) for _ in range(count)]
+        try:
+            return [Sandbox.from_snapshot(ref, host=self._host) for _ in range(count)]
+        finally:
+            shutil.rmtree(ref.path, ignore_errors=True)
 
     def pause(self) -> None:
         self._handle.pause()

@@ -22,7 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, Literal
 
 from dsv4.sandbox import cgroups, images, mounts, naming
 from dsv4.sandbox.backends.base import Backend, ProbeResult
@@ -30,7 +31,8 @@ from dsv4.sandbox.backends.host_root import HostRootSandbox, start_or_clean_up
 from dsv4.sandbox.errors import RemoteError, SandboxLost, StartError
 from dsv4.sandbox.procio import pump
 from dsv4.sandbox.rootfs_files import RootFiles
-from dsv4.sandbox.types import Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats
+from dsv4.sandbox.types import (Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats,
+                                SnapshotRef)
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,18 @@ class FunctionSandbox(HostRootSandbox):
         self._zygote_fd = -1
         self._dead_reason = ""
 
-    def start(self) -> None:
+    def start(self, root_from: str | None = None, previous_uid: int | None = None) -> None:
+        """Mount the root, start the zygote; ``root_from`` is a snapshot's copy of a root."""
         spec = self.spec
         os.makedirs(self.root)
         mounts.mount("tmpfs", self.root, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"size={spec.disk_mb}m,mode=0755")
         images.build_minimal_root(self.root, self.uid, self.uid, spec.workdir)
+        if root_from:
+            subprocess.run(["cp", "-a", f"{root_from}/.", self.root], check=True)
+            if previous_uid is not None and previous_uid != self.uid:
+                subprocess.run(["chown", "-R", "-h", f"--from={previous_uid}:{previous_uid}",
+                                f"{self.uid}:{self.uid}", self.root], check=True)
         self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
         readonly = list(images.HOST_READONLY)
         for prefix in {sys.base_prefix, sys.prefix}:
@@ -192,6 +200,18 @@ class FunctionSandbox(HostRootSandbox):
         return reply["value"], result
 
     # Lifecycle -------------------------------------------------------------------------------
+    def snapshot(self, kind: Literal["fs", "full"] = "fs") -> SnapshotRef:
+        """Copy the sandbox's root (workdir, /tmp, /etc changes) while no call runs."""
+        if kind != "fs":
+            return super().snapshot(kind)
+        target = os.path.join(self.backend.snapshot_dir,
+                              f"{self.sandbox_id}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(target)
+        with self._lock:
+            subprocess.run(["cp", "-a", self.root, os.path.join(target, "root")], check=True)
+        return SnapshotRef(self.layer, "fs", target, self.spec, self.sandbox_id,
+                           {"uid": self.uid})
+
     def stats(self) -> SandboxStats:
         return self.host_stats(self.root)
 
@@ -230,7 +250,9 @@ class FunctionBackend(Backend):
 
     def __init__(self, state_dir: str) -> None:
         super().__init__(os.path.join(state_dir, "function"))
+        self.snapshot_dir = os.path.join(state_dir, "snapshots", "function")
         os.makedirs(self.state_dir, exist_ok=True)
+        os.makedirs(self.snapshot_dir, exist_ok=True)
         self.layout = cgroups.detect_layout()
         self._master: subprocess.Popen | None = None
         self._master_control: socket.socket | None = None
@@ -282,7 +304,7 @@ class FunctionBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         return Capabilities(
-            layer=cls.layer, sessions=False, pause=True,
+            layer=cls.layer, sessions=False, snapshot_fs=True, fork=True, pause=True,
             limits=("cpu", "memory", "pids", "disk", "output"),
             isolation="fork per call from a warm zygote; mount/net/ipc/uts namespaces, chroot, "
                       "unprivileged uid, rlimits, seccomp, cgroup leaf per call",
@@ -296,6 +318,14 @@ class FunctionBackend(Backend):
     def create(self, sandbox_id: str, spec: SandboxSpec) -> FunctionSandbox:
         sandbox = FunctionSandbox(sandbox_id, spec, self)
         return start_or_clean_up(sandbox, sandbox.start, "function sandbox failed to start")
+
+    def restore(self, sandbox_id: str, ref: SnapshotRef) -> FunctionSandbox:
+        if ref.layer != self.layer or ref.kind != "fs":
+            return super().restore(sandbox_id, ref)
+        sandbox = FunctionSandbox(sandbox_id, ref.spec, self)
+        return start_or_clean_up(
+            sandbox, lambda: sandbox.start(os.path.join(ref.path, "root"), ref.meta.get("uid")),
+            "function sandbox failed to restore")
 
     def reap(self, live_ids: set[str]) -> list[str]:
         found = set(os.listdir(self.state_dir)) | cgroups.list_sandbox_cgroups(self.layout)
