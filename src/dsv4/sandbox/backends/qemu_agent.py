@@ -8,6 +8,7 @@ else on the line (boot messages, BIOS output) is skipped while looking for a hea
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import logging
 import shlex
@@ -196,14 +197,24 @@ class AgentChannel:
                         f"guest agent did not return request {request_id} within "
                         f"{KILL_GRACE_S:g} s after the kill") from exc
             exit_code, out_len, err_len = int(fields[2]), int(fields[3]), int(fields[4])
-            oom_kills = int(fields[5]) if len(fields) > 5 else 0
+            oom_kills = int(fields[5])
+            codings = fields[6:8]
             body = self._read_exact(out_len + err_len, time.monotonic() + KILL_GRACE_S + timeout_s)
             duration = time.monotonic() - started
-        stdout, stderr = body[:out_len], body[out_len:]
+        stdout = _decode(body[:out_len], codings[0], request_id)
+        stderr = _decode(body[out_len:], codings[1], request_id)
         truncated = len(stdout) > cap or len(stderr) > cap
         return AgentResult(exit_code=None if timed_out else exit_code, stdout=stdout[:cap],
                            stderr=stderr[:cap], timed_out=timed_out, truncated=truncated,
                            duration_s=duration, oom_kills=oom_kills)
+
+
+def _decode(data: bytes, coding: str, request_id: str) -> bytes:
+    if coding == "raw":
+        return data
+    if coding == "gzip":
+        return gzip.decompress(data)
+    raise AgentUnresponsive(f"guest agent sent unknown coding {coding!r} for request {request_id}")
 
 
 def command_script(argv: Sequence[str], *, cwd: str, env: Mapping[str, str],

@@ -191,7 +191,9 @@ class QemuSandbox(SandboxHandle):
         self._paused = False
 
     def stats(self) -> SandboxStats:
-        result = self._root("echo $(ls -d /proc/[0-9]* | wc -l) "
+        # pids counts the processes of the sandbox user (uid 1000), not the agent's or kernel's.
+        result = self._root("echo $(grep -l '^Uid:[[:space:]]*1000[[:space:]]' /proc/[0-9]*/status "
+                            "2>/dev/null | wc -l) "
                             "$(du -sk /work /tmp 2>/dev/null | awk '{s += $1} END {print s}')\n")
         pids, disk_kib = (int(value) for value in result.stdout.split()[:2])
         if self.machine.config.disk:
