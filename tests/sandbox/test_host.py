@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dsv4.sandbox import Busy, Host, Sandbox, SandboxNotFound
+from dsv4.sandbox import Busy, Host, Sandbox, SandboxNotFound, naming
 from dsv4.sandbox.residue import find_residue
 from layer_support import assert_no_residue, temporary_host
 
@@ -103,3 +103,14 @@ def test_reaper_ignores_other_hosts():
         assert second.reap() == []
         assert sandbox.exec("echo alive").stdout == b"alive\n"
         sandbox.kill()
+
+
+def test_create_kill_cycles_leave_nothing():
+    with temporary_host() as host:
+        for cycle in range(20):
+            for layer in ("function", "container"):
+                sandbox = Sandbox.create(layer=layer, host=host, memory_mb=32)
+                assert sandbox.exec(f"echo {cycle}").stdout == f"{cycle}\n".encode()
+                sandbox.kill()
+        assert host.list() == []
+        assert_no_residue(naming.host_tag(host.state_dir) + "-", host)
