@@ -10,7 +10,7 @@ import time
 import pytest
 
 import sandbox_functions
-from dsv4.sandbox import ExecTimeout, RemoteError, Sandbox
+from dsv4.sandbox import ExecTimeout, RemoteError, ResourceExhausted, Sandbox
 from dsv4.sandbox.errors import SandboxLost
 from layer_support import assert_no_residue, temporary_host
 
@@ -96,6 +96,10 @@ def test_disk_limit(sandbox):
     result = sandbox.exec("head -c 32000000 /dev/zero > /work/big; echo rc=$?")
     assert b"rc=0" not in result.stdout
     sandbox.exec("rm -f /work/big")
+    with pytest.raises(ResourceExhausted) as caught:
+        sandbox.files.write("/work/big", b"x" * (32 << 20))
+    assert caught.value.resource == "disk"
+    sandbox.files.remove("/work/big")
 
 
 FORK_UNTIL_LIMITED = """

@@ -114,3 +114,11 @@ def test_create_kill_cycles_leave_nothing():
                 sandbox.kill()
         assert host.list() == []
         assert_no_residue(naming.host_tag(host.state_dir) + "-", host)
+
+
+def test_capability_table_lists_layers():
+    table = Sandbox.capability_table()
+    assert {"function", "container", "container-runsc"} <= set(table)
+    assert table["container"].snapshot_fs and not table["container"].snapshot_full
+    assert table["container-runsc"].snapshot_full
+    assert not table["function"].sessions

@@ -174,6 +174,20 @@ class Sandbox:
     def capabilities(layer: str, runtime: str | None = None) -> Capabilities:
         return load_backend_class(layer, runtime).capabilities()
 
+    @staticmethod
+    def capability_table() -> dict[str, Capabilities]:
+        """Return the capabilities of every installed layer and runtime, keyed by name."""
+        table = {}
+        for name, layer, runtime in (("function", "function", None),
+                                     ("container", "container", None),
+                                     ("container-runsc", "container", "runsc"),
+                                     ("microvm", "microvm", None), ("vm", "vm", None)):
+            try:
+                table[name] = load_backend_class(layer, runtime).capabilities()
+            except ImportError:
+                continue
+        return table
+
     # Properties ------------------------------------------------------------------------------
     @property
     def id(self) -> str:

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from dsv4.sandbox.errors import InvalidSpec, SandboxFileNotFound
+from dsv4.sandbox.errors import InvalidSpec, ResourceExhausted, SandboxFileNotFound
 from dsv4.sandbox.types import FileInfo
 
 _SYS_OPENAT2 = 437                      # x86_64 and aarch64 share this number
@@ -116,6 +116,12 @@ class RootFiles:
                 view = view[written:]
             os.fchown(fd, *self.owner)
             os.fchmod(fd, mode)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"writing {len(data)} bytes to {path} failed: the sandbox disk is full; "
+                    f"create the sandbox with a larger disk_mb", resource="disk") from error
+            raise
         finally:
             os.close(fd)
 
