@@ -23,13 +23,17 @@ from dsv4.sandbox import Sandbox
 from dsv4.sandbox.errors import SandboxFileNotFound, SandboxLost
 from layer_support import assert_no_residue, temporary_host
 
-ESCAPE_LAYERS = ["function", "container", "container-runsc"]
+ESCAPE_LAYERS = ["function", "container", "container-runsc", "microvm", "vm"]
 # Sandbox.create arguments per entry of ESCAPE_LAYERS; "layer" defaults to the entry's name.
 LAYER_OPTIONS: dict[str, dict] = {
     "function": {"memory_mb": 128, "pids": 64, "disk_mb": 64},
     "container": {"memory_mb": 128, "pids": 64, "disk_mb": 64},
     "container-runsc": {"layer": "container", "options": {"runtime": "runsc"},
                         "memory_mb": 256, "pids": 64, "disk_mb": 64},
+    # Guest RAM and pids of the VM layers; test_vm_layers uses the same values, so both
+    # modules restore from one cached template per layer.
+    "microvm": {"memory_mb": 160, "pids": 64},
+    "vm": {"memory_mb": 160, "pids": 64},
 }
 # Layers where a fork bomb may stop the sandbox (reported as SandboxLost) but never the host:
 # gVisor's ptrace platform backs every guest task with host tasks under the same pids limit.
