@@ -26,7 +26,8 @@ def temporary_host(**kwargs) -> Iterator[Host]:
     """
     state_dir = tempfile.mkdtemp(prefix="dsv4-sbx-test-", dir="/tmp")
     os.chmod(state_dir, 0o755)
-    host = Host(state_dir, reap_interval_s=3600, **kwargs)
+    kwargs.setdefault("reap_interval_s", 3600)
+    host = Host(state_dir, **kwargs)
     try:
         yield host
     finally:

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
-from dsv4.sandbox import Busy, Host, Sandbox, SandboxNotFound, naming
+from dsv4.sandbox import Busy, Host, Sandbox, SandboxLost, SandboxNotFound, naming
 from dsv4.sandbox.residue import find_residue
 from layer_support import assert_no_residue, temporary_host
 
@@ -122,3 +123,37 @@ def test_capability_table_lists_layers():
     assert table["container"].snapshot_fs and not table["container"].snapshot_full
     assert table["container-runsc"].snapshot_full
     assert not table["function"].sessions
+
+
+def test_periodic_reaper_ends_lifetime():
+    with temporary_host(reap_interval_s=0.2) as host:
+        sandbox = Sandbox.create(layer="function", host=host, memory_mb=32, lifetime_s=0.3)
+        deadline = time.monotonic() + 5
+        while sandbox.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not sandbox.is_running()
+        assert_no_residue(sandbox.id, host)
+
+
+@pytest.mark.parametrize("layer", ["function", "container"])
+def test_kill_during_exec_raises_sandbox_lost(layer):
+    with temporary_host() as host:
+        sandbox = Sandbox.create(layer=layer, host=host, memory_mb=32)
+        outcome: list[BaseException | object] = []
+
+        def run() -> None:
+            try:
+                outcome.append(sandbox.exec("echo started; sleep 30", timeout_s=60))
+            except BaseException as error:  # noqa: BLE001 - the test inspects it
+                outcome.append(error)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        sandbox.kill()
+        worker.join(10)
+        assert not worker.is_alive()
+        assert time.monotonic() - start < 5
+        assert isinstance(outcome[0], SandboxLost), outcome
+        assert_no_residue(sandbox.id, host)

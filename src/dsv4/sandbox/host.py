@@ -87,6 +87,7 @@ class Host:
         self._leases: dict[str, Lease] = {}
         self._pending_cpu = 0.0
         self._pending_memory_mb = 0
+        self._starting: set[str] = set()
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self.reap()
@@ -135,15 +136,20 @@ class Host:
             if self._closed.is_set():
                 raise InvalidSpec(f"host {self.state_dir} is closed; create a new Host")
             self._admit(spec)
-        sandbox_id = naming.new_sandbox_id(self.state_dir)
+            sandbox_id = naming.new_sandbox_id(self.state_dir)
+            # A starting sandbox already has cgroups and directories; the reaper must not
+            # take them for an orphan's.
+            self._starting.add(sandbox_id)
         try:
             handle = start(sandbox_id)
+            with self._lock:
+                self._leases[sandbox_id] = Lease(handle, spec,
+                                                 time.monotonic() + spec.lifetime_s)
         finally:
             with self._lock:
                 self._pending_cpu -= spec.cpu
                 self._pending_memory_mb -= spec.memory_mb
-        with self._lock:
-            self._leases[sandbox_id] = Lease(handle, spec, time.monotonic() + spec.lifetime_s)
+                self._starting.discard(sandbox_id)
         logger.debug("created %s sandbox %s", spec.layer, sandbox_id)
         return handle
 
@@ -198,7 +204,7 @@ class Host:
             logger.info("sandbox %s reached the end of its lifetime; killing it", sandbox_id)
             self.kill(sandbox_id)
         with self._lock:
-            live = set(self._leases)
+            live = set(self._leases) | self._starting
         orphans: list[str] = []
         for layer in self._layers_on_disk():
             try:

@@ -156,16 +156,18 @@ class FunctionSandbox(HostRootSandbox):
             return result, extras.get(extra[0], b"") if extra else b""
 
     def _expect(self, key: str) -> dict:
-        assert self._control is not None
-        self._control.settimeout(STATUS_TIMEOUT_S)
+        control = self._control
+        if control is None:
+            raise SandboxLost(self.sandbox_id, self._dead_reason or "not started")
         try:
-            data = self._control.recv(65536)
-        except socket.timeout:
-            data = b""
-        finally:
-            self._control.settimeout(None)
+            control.settimeout(STATUS_TIMEOUT_S)
+            data = control.recv(65536)
+            control.settimeout(None)
+        except (socket.timeout, OSError):
+            data = b""            # timed out, or kill() closed the socket meanwhile
         if not data:
-            raise SandboxLost(self.sandbox_id, f"zygote sent no {key!r} message")
+            raise SandboxLost(self.sandbox_id, self._dead_reason
+                              or f"zygote sent no {key!r} message")
         reply = json.loads(data)
         if key not in reply:
             raise SandboxLost(self.sandbox_id, f"zygote sent {reply!r}, expected {key!r}")
