@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from dsv4.sandbox.errors import SandboxError
+
 from .errors import Unrecoverable
 from .hashing import ToolRequest, result_hash
 
@@ -35,7 +37,12 @@ def try_reattach(session: TrajectorySession) -> ReplayEnvironment | None:
     if env is None:
         logger.info("trajectory %s/%s: sandbox %s is gone", state.run_id, state.traj_id, state.sandbox_id)
         return None
-    journal = env.journal_keys()
+    try:
+        journal = env.journal_keys()
+    except (SandboxError, RuntimeError) as error:
+        logger.warning("trajectory %s/%s: journal of sandbox %s could not be read (%s); not reattaching",
+                       state.run_id, state.traj_id, state.sandbox_id, error)
+        return None
     needed = {e.idem_key for e in state.completed() if not e.idempotent}
     missing = needed - journal
     dropped = journal & {e.idem_key for e in state.aborted.values()}
