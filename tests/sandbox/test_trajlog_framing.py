@@ -1,11 +1,13 @@
-"""Framing, torn tails, canonical hashing, segments, sparse indexes and blobs."""
+"""Framing, torn tails, canonical hashing, segments, sparse indexes, blobs and epochs."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
+from dsv4.sandbox.trajlog import leases
 from dsv4.sandbox.trajlog.blobs import BlobStore
 from dsv4.sandbox.trajlog.framing import HEADER_SIZE, RecordType, encode_frame, scan_frames
 from dsv4.sandbox.trajlog.hashing import (ToolRequest, ToolResult, canonical_json, idem_key, request_hash,
@@ -124,3 +126,28 @@ def test_blob_store(tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         store.path_for("../etc")
     assert not [p for p in os.listdir(tmp_path / digest[:2]) if p.endswith(".tmp")]
+
+
+def test_epochs_distinct_under_races(tmp_path):
+    taken: list[int] = []
+
+    def take() -> None:
+        for _ in range(5):
+            taken.append(leases.take_epoch(tmp_path, "run", "t", "worker"))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == list(range(1, 21))
+    assert leases.current_epoch(tmp_path, "run", "t") == 20
+    assert leases.is_stale(tmp_path, "run", "t", 19)
+    assert not leases.is_stale(tmp_path, "run", "t", 20)
+
+
+def test_request_needs_one_command_form():
+    with pytest.raises(ValueError, match="exactly one"):
+        ToolRequest(argv=["ls"], command="ls")
+    with pytest.raises(ValueError, match="exactly one"):
+        ToolRequest()

@@ -2,7 +2,7 @@
 
 Each "sandbox" is a plain directory on the host and commands run there with
 subprocess; there is no isolation. The replay fault-injection test uses real
-container sandboxes instead.
+function sandboxes instead.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ class SegmentWriter:
     """Appends framed records to numbered segment files `<writer_id>-<n>.seg` in `directory`.
 
     group_records / group_ms: a buffered record is written and fdatasync'd once this many
-    records are pending or this many milliseconds passed since the last sync.
+    records are pending or this many milliseconds passed since the last sync. Both are
+    checked on append (there is no timer), so call `sync` or `close` when a run pauses.
     segment_bytes: a segment at or above this size is closed (its sparse index written)
     and the next append opens a new one.
     """
