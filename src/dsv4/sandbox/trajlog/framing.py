@@ -41,6 +41,7 @@ class RecordType(enum.IntEnum):
 
 
 _RECORD_TYPES = {int(t): t for t in RecordType}
+_DECODER = json.JSONDecoder()
 
 
 def encode_frame(rtype: RecordType, payload: dict[str, Any]) -> bytes:
@@ -78,8 +79,13 @@ def _frame_at(data: bytes | memoryview, offset: int) -> Frame | None:
     if kind is None:
         return None
     try:
-        payload = json.loads(body)
-    except ValueError:
+        # The C scanner without json.loads' encoding detection and whitespace skipping,
+        # which cost about a third of the scan time; encode_frame writes no whitespace.
+        text = body.decode()
+        payload, stop = _DECODER.scan_once(text, 0)
+    except (ValueError, StopIteration):
+        return None
+    if stop != len(text):
         return None
     if not isinstance(payload, dict):
         return None
