@@ -290,3 +290,22 @@ def test_model_records_and_history(setup):
     assert not second.record_model(1, {"tokens_sha256": "other", "policy": 3})
     assert second.model_divergences == 1
     assert provider.created == 1  # rebuilding the history needed no sandbox
+
+
+def test_gc_keeps_parent_of_live_fork(setup):
+    root, provider = setup
+    log = TrajectoryLog(root, segment_bytes=1)
+    first = TrajectorySession.open(log, "run", "t1", provider, snapshot_every=1)
+    run_steps(first, plan(3))
+    first.close()
+    forked = TrajectorySession.open(TrajectoryLog(root), "run", "t1", provider, policy="fork")
+    forked.call(0, 0, bump(0), idempotent=False)
+    forked.call(1, 0, peek(9), idempotent=True)  # diverges at step 1: continues as a fork
+    forked.close()
+    TrajectorySession.open(TrajectoryLog(root), "run", "t1", provider).mark_consumed()
+
+    report = collect_garbage(TrajectoryLog(root), grace_s=0.0)
+    assert report.trajectories_collected == 0
+    child = TrajectoryLog(root).load("run", forked.traj_id)
+    assert sorted(child.calls) == [(0, 0), (1, 0)]
+    assert child.calls[(0, 0)].result is not None

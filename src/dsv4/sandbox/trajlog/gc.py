@@ -35,14 +35,21 @@ def collect_garbage(log: TrajectoryLog, *, grace_s: float = 3600.0) -> GcReport:
     """Delete the segments, blobs and leases of consumed trajectories; never the open segment."""
     if log._writer is not None:
         log._writer.flush()
-    grouped = log.scan_all()
-    consumed = {key for key, frames in grouped.items() if any(f.rtype == RecordType.CONSUMED for f in frames)}
+    segments = [(path, read_segment(path)[0]) for path in log.segment_paths()]
+    consumed = {(str(f.payload.get("run")), str(f.payload.get("traj")))
+                for _, frames in segments for f in frames if f.rtype == RecordType.CONSUMED}
+    # A fork reads its parent's calls before the fork step, so a parent stays while a fork of it is live.
+    for _, frames in segments:
+        for frame in frames:
+            parent = frame.payload.get("parent") if frame.rtype == RecordType.TRAJ_BEGIN else None
+            child = (str(frame.payload.get("run")), str(frame.payload.get("traj")))
+            if parent and child not in consumed:
+                consumed.discard((parent["run"], parent["traj"]))
     open_segment = log._writer.path if log._writer is not None else None
 
     segments_deleted = 0
     live_blobs: set[str] = set()
-    for path in log.segment_paths():
-        frames, _, _ = read_segment(path)
+    for path, frames in segments:
         keys = {(str(f.payload.get("run")), str(f.payload.get("traj"))) for f in frames}
         if path != open_segment and keys <= consumed:
             path.unlink()
