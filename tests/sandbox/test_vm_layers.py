@@ -1,8 +1,8 @@
 """microVM and VM layers: exec, files, limits, deadline, snapshot, fork, pause, kill.
 
 These boot real QEMU guests (TCG on hosts where KVM cannot run them). One sandbox per layer
-serves the module; the first sandbox of a memory size builds a template snapshot in the
-cache directory, and later sandboxes restore it. ``VM_MEMORY_MB`` matches the escape suite so
+serves the module. The first sandbox of a memory size builds a template snapshot in the cache
+directory, and later sandboxes restore it. ``VM_MEMORY_MB`` matches the escape suite so
 both modules share one template per layer.
 """
 
@@ -110,7 +110,8 @@ def test_no_network_device(sandbox):
 
 def test_stats(sandbox):
     stats = sandbox.stats()
-    assert stats.pids == 0            # no process of the sandbox user is running
+    # No process of the sandbox user is running between commands.
+    assert stats.pids == 0, sandbox.handle._root("ps -o pid,ppid,user,stat,args").stdout
     assert stats.memory_bytes > 10 << 20
     assert stats.cpu_s > 0
 

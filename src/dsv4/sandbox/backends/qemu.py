@@ -2,8 +2,8 @@
 
 Each VM owns a run directory named after its sandbox id. It contains the QMP and serial
 sockets, the QEMU log, ``qemu.pid`` and (VM layer) the disk overlay. The process is started
-in its own session with ``-name dsv4-<id>``, so ``reap_run_dirs`` can tell our processes apart
-after a crash of the host process and remove them together with their directories.
+in its own session with ``-name dsv4-<id>``, so the backend's ``reap`` can tell our processes
+apart after a crash of the host process and remove them together with their directories.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class QemuMachine:
     @classmethod
     def launch(cls, name: str, config: MachineConfig, run_dir: Path,
                incoming: Path | None = None, boot_timeout_s: float = 180.0) -> "QemuMachine":
-        """Start QEMU and wait until the agent answers; kill everything on failure."""
+        """Start QEMU and wait until the agent responds; kill everything on failure."""
         if shutil.which(QEMU_BINARY) is None:
             raise StartError(f"{QEMU_BINARY} not found", layer=config.machine,
                              detail="install it with 'apt-get install qemu-system-x86'")

@@ -28,7 +28,7 @@ DEFAULT_PATH = "/bin:/sbin:/usr/bin:/usr/sbin"
 
 
 class AgentUnresponsive(Exception):
-    """The guest agent did not answer in time, or the serial socket closed."""
+    """The guest agent did not respond in time, or the serial socket closed."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class AgentChannel:
                             f"guest agent did not start within {timeout_s:g} s") from exc
 
     def ping(self, timeout_s: float) -> None:
-        """Check that the agent answers; used after a restore instead of the banner."""
+        """Check that the agent responds; used after a restore instead of the banner."""
         with self._lock:
             request_id = f"p{next(self._ids)}"
             deadline = time.monotonic() + timeout_s
@@ -156,7 +156,7 @@ class AgentChannel:
             try:
                 self._expect("pong", request_id, deadline)
             except TimeoutError as exc:
-                raise AgentUnresponsive(f"guest agent did not answer a ping within "
+                raise AgentUnresponsive(f"guest agent did not respond to a ping within "
                                         f"{timeout_s:g} s") from exc
 
     def run(self, script: str, *, user: str, stdin: bytes = b"", cap: int = 1 << 20,
@@ -165,7 +165,7 @@ class AgentChannel:
 
         On the deadline the host sends "kill", which ends every process of the sandbox user,
         and returns the output the agent captured up to then with ``timed_out=True``.
-        Raises ``AgentUnresponsive`` when the agent does not answer even after the kill.
+        Raises ``AgentUnresponsive`` when the agent does not respond even after the kill.
         """
         if user not in ("root", "sbx"):
             raise ValueError(f"user={user!r} must be 'root' or 'sbx'")

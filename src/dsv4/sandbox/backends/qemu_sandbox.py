@@ -3,7 +3,7 @@
 Commands run in the guest as the unprivileged user ``sbx`` (uid 1000), so ``ulimit -u`` (the
 ``pids`` limit) applies to them, and the guest's memory size is the memory limit. The file
 plane runs small scripts as guest root. The host's deadline and ``kill`` reach every process
-of ``sbx``; when the agent stops answering, the host kills QEMU and the sandbox is lost.
+of ``sbx``. When the agent stops responding, the host kills QEMU and the sandbox is lost.
 """
 
 from __future__ import annotations
