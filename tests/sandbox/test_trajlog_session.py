@@ -6,8 +6,8 @@ import pytest
 from trajlog_env import HostDirProvider
 
 from dsv4.sandbox.errors import InDoubt, ReplayDivergence
-from dsv4.sandbox.trajlog import (StaleWriter, ToolRequest, TrajectoryLog, TrajectorySession, Unrecoverable,
-                                  idem_key, request_hash)
+from dsv4.sandbox.trajlog import (JournalUnavailable, StaleWriter, ToolRequest, TrajectoryLog, TrajectorySession,
+                                  Unrecoverable, idem_key, request_hash)
 from dsv4.sandbox.trajlog.gc import collect_garbage
 
 
@@ -309,3 +309,13 @@ def test_gc_keeps_parent_of_live_fork(setup):
     child = TrajectoryLog(root).load("run", forked.traj_id)
     assert sorted(child.calls) == [(0, 0), (1, 0)]
     assert child.calls[(0, 0)].result is not None
+
+
+def test_unwritable_journal_raises(setup):
+    root, provider = setup
+    session = TrajectorySession.open(TrajectoryLog(root), "run", "t1", provider)
+    session.env = provider.create()
+    (provider.base / session.env.sandbox_id / ".journal").write_text("a file, not a directory")
+    with pytest.raises(JournalUnavailable, match="journal_dir"):
+        session.call(0, 0, bump(0), idempotent=False)
+    assert counter_lines(provider, session.env.sandbox_id) == []

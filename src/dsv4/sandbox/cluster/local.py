@@ -24,9 +24,11 @@ from dsv4.sandbox.types import ExecRequest, SandboxSpec, SnapshotRef
 
 logger = logging.getLogger(__name__)
 
-# Journal directory of the replay wrapper inside every sandbox. It must be writable by
-# the sandbox's own user, because the wrapper runs as that user.
-REPLAY_JOURNAL_DIR = "/run/dsv4-journal"
+# Journal directory of the replay wrapper inside every sandbox. The wrapper runs as the
+# sandbox's user, and /tmp is writable and lives as long as the sandbox in the function,
+# container and microVM layers (checked with dsv4's own layers). The leading dot keeps
+# it out of `rm -rf /tmp/*`.
+REPLAY_JOURNAL_DIR = "/tmp/.dsv4-journal"
 # Deadline used when a request has none, seconds.
 DEFAULT_TIMEOUT_S = 600.0
 

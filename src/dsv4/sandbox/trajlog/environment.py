@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping, Protocol
 from dsv4.sandbox.errors import InDoubt
 
 from .hashing import ToolRequest, ToolResult
-from .journal import (JournalEntry, JournalState, clear_argv, fetch_argv, is_duplicate, list_argv,
-                      lookup_argv, parse_lookup, wrap_argv)
+from .errors import JournalUnavailable
+from .journal import (JournalEntry, JournalState, clear_argv, fetch_argv, is_duplicate, is_unavailable,
+                      list_argv, lookup_argv, parse_lookup, wrap_argv)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ReplayEnvironment:
         """
         argv = wrap_argv(self.journal_dir, key, request.shell_argv())
         result = self._execute(argv, request)
+        if is_unavailable(result, self.journal_dir):
+            raise JournalUnavailable(self.sandbox_id, self.journal_dir)
         if is_duplicate(result, key):
             entry = self.lookup(key)
             deadline = time.monotonic() + min(request.timeout_s or self.duplicate_wait_s, self.duplicate_wait_s)

@@ -25,3 +25,14 @@ class Unrecoverable(SandboxError):
         self.run_id = run_id
         self.traj_id = traj_id
         self.reason = reason
+
+
+class JournalUnavailable(SandboxError):
+    """The replay wrapper could not create its journal directory, so it ran nothing."""
+
+    def __init__(self, sandbox_id: str, journal_dir: str) -> None:
+        super().__init__(f"sandbox {sandbox_id}: the sandbox user cannot create the replay journal "
+                         f"directory {journal_dir}; pass a journal_dir that the sandbox user can write "
+                         "and that lives as long as the sandbox")
+        self.sandbox_id = sandbox_id
+        self.journal_dir = journal_dir

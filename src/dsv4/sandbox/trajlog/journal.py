@@ -18,7 +18,9 @@ DUPLICATE_MARKER and the key and exits with DUPLICATE_EXIT, which makes a retrie
 resumed call fetch the journaled result instead of running twice.
 
 The wrapper needs a POSIX `sh`, `mkdir`, `mv` and `cat` in the sandbox and a journal
-directory on a file system that lives as long as the sandbox.
+directory on a file system that lives as long as the sandbox. When it cannot create
+the journal directory it runs nothing, prints UNAVAILABLE_MARKER and the directory and
+exits with UNAVAILABLE_EXIT.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from .hashing import ToolResult
 
 DUPLICATE_MARKER = "dsv4-journal: duplicate"
 DUPLICATE_EXIT = 97
+UNAVAILABLE_MARKER = "dsv4-journal: cannot create"
+UNAVAILABLE_EXIT = 98
 
 WRAPPER = r"""
 j=$1; k=$2; shift 2
 d="$j/$k"
-mkdir -p "$j" || exit 125
+if ! mkdir -p "$j" 2>/dev/null; then
+    printf '%s %s\n' "dsv4-journal: cannot create" "$j"
+    exit 98
+fi
 if ! mkdir "$d" 2>/dev/null; then
     printf '%s %s\n' "dsv4-journal: duplicate" "$k"
     exit 97
@@ -107,6 +114,11 @@ def list_argv(journal_dir: str) -> list[str]:
 def is_duplicate(result: ToolResult, key: str) -> bool:
     return (result.exit_code == DUPLICATE_EXIT and not result.stderr
             and result.stdout == f"{DUPLICATE_MARKER} {key}\n".encode())
+
+
+def is_unavailable(result: ToolResult, journal_dir: str) -> bool:
+    return (result.exit_code == UNAVAILABLE_EXIT and not result.stderr
+            and result.stdout == f"{UNAVAILABLE_MARKER} {journal_dir}\n".encode())
 
 
 def parse_lookup(stdout: bytes) -> tuple[JournalState, int | None]:
