@@ -65,6 +65,8 @@ class TrajectoryLog:
         Closed segments with a matching sparse index are read only at the listed offsets;
         the others are scanned up to their first bad record.
         """
+        # NOTE: a killed worker never closes its segment, so its segment gets no sparse index
+        # and every later load scans it whole.
         name = trajectory_name(run_id, traj_id)
         if self._writer is not None:
             self._writer.flush()
