@@ -172,8 +172,8 @@ class Host:
     def list(self, labels: dict[str, str] | None = None) -> list[SandboxHandle]:
         with self._lock:
             leases = list(self._leases.values())
-        wanted = (labels or {}).items()
-        return [lease.handle for lease in leases if wanted <= dict(lease.spec.labels).items()]
+        required = (labels or {}).items()
+        return [lease.handle for lease in leases if required <= dict(lease.spec.labels).items()]
 
     def set_lifetime(self, sandbox_id: str, lifetime_s: float) -> None:
         """Let the sandbox live ``lifetime_s`` seconds from now."""

@@ -154,11 +154,11 @@ class RootFiles:
             os.close(dir_fd)
 
 
-def _remove_entry(dir_fd: int, name: str, shown: str) -> None:
+def _remove_entry(dir_fd: int, name: str, display_path: str) -> None:
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        raise SandboxFileNotFound(f"{shown} does not exist in the sandbox") from None
+        raise SandboxFileNotFound(f"{display_path} does not exist in the sandbox") from None
     if not stat.S_ISDIR(info.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
@@ -166,7 +166,7 @@ def _remove_entry(dir_fd: int, name: str, shown: str) -> None:
     child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
         for child in os.listdir(child_fd):
-            _remove_entry(child_fd, child, f"{shown}/{child}")
+            _remove_entry(child_fd, child, f"{display_path}/{child}")
     finally:
         os.close(child_fd)
     os.rmdir(name, dir_fd=dir_fd)

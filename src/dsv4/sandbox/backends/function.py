@@ -1,7 +1,7 @@
 """Function layer: a warm zygote per sandbox forks one child per call.
 
 Each sandbox has its own mount, network (loopback only, down), IPC and UTS namespaces. Calls
-run chrooted in a tmpfs root (size = ``disk_mb``) that sees only the host's ``/usr`` and Python
+run chrooted in a tmpfs root (size = ``disk_mb``) that exposes only the host's ``/usr`` and Python
 installation, read-only. Each call also gets a per-sandbox unprivileged uid, rlimits, the
 seccomp deny-list, and a cgroup leaf under the sandbox's memory, pids and CPU limits. The host reads
 the output and kills the leaf at the deadline. Files written under the workdir persist between
@@ -79,6 +79,7 @@ class FunctionSandbox(HostRootSandbox):
             if previous_uid is not None and previous_uid != self.uid:
                 subprocess.run(["chown", "-R", "-h", f"--from={previous_uid}:{previous_uid}",
                                 f"{self.uid}:{self.uid}", self.root], check=True)
+
         self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
         readonly = list(images.HOST_READONLY)
         for prefix in {sys.base_prefix, sys.prefix}:
@@ -91,6 +92,7 @@ class FunctionSandbox(HostRootSandbox):
             "pids": spec.pids, "memory_bytes": spec.memory_mb << 20,
             "disk_bytes": spec.disk_mb << 20, "cgroup_procs": self.cgroup.leaf("zygote"),
         }
+
         host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._control = host_end
         try:
