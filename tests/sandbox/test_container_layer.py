@@ -206,3 +206,12 @@ def test_kill_is_idempotent_and_clean(host):
     with pytest.raises(SandboxLost):
         sandbox.exec("true")
     assert_no_residue(sandbox.id, host)
+
+
+def test_idle_timeout_kills_silent_command(sandbox):
+    start = time.monotonic()
+    result = sandbox.exec("echo one; sleep 0.2; echo two; sleep 30", timeout_s=30,
+                          idle_timeout_s=1.0, raise_on_timeout=False)
+    assert result.timed_out
+    assert result.stdout == b"one\ntwo\n"
+    assert time.monotonic() - start < 3.0

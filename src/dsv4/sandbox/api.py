@@ -210,17 +210,20 @@ class Sandbox:
     def exec(self, command: str | Sequence[str], *, stdin: bytes | str | None = None,
              cwd: str | None = None, env: Mapping[str, str] | None = None,
              timeout_s: float = 60.0, max_output: int = DEFAULT_MAX_OUTPUT,
-             idem_key: str | None = None, raise_on_timeout: bool = True) -> ExecResult:
+             idem_key: str | None = None, idle_timeout_s: float | None = None,
+             raise_on_timeout: bool = True) -> ExecResult:
         """Run a command and return its exit code and output.
 
         A str runs through ``sh -c``; a list runs directly. ``timeout_s`` (seconds) is a hard
         deadline: at the deadline every process of the command is killed and ``ExecTimeout``
         is raised with the partial output in ``.result`` (or the result is returned with
         ``timed_out=True`` when ``raise_on_timeout=False``). ``max_output`` caps stdout and
-        stderr separately, in bytes.
+        stderr separately, in bytes. ``idle_timeout_s`` (seconds) ends the command the same way
+        when it produces no output for that long.
         """
         request = ExecRequest(_argv(command), stdin.encode() if isinstance(stdin, str) else stdin,
-                              cwd, dict(env or {}), timeout_s, max_output, idem_key)
+                              cwd, dict(env or {}), timeout_s, max_output, idem_key,
+                              idle_timeout_s)
         result = self._handle.exec(request)
         if result.timed_out and raise_on_timeout:
             raise ExecTimeout(result, timeout_s)

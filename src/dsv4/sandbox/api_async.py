@@ -85,10 +85,12 @@ class AsyncSandbox:
     async def exec(self, command: str | Sequence[str], *, stdin: bytes | str | None = None,
                    cwd: str | None = None, env: Mapping[str, str] | None = None,
                    timeout_s: float = 60.0, max_output: int = DEFAULT_MAX_OUTPUT,
-                   idem_key: str | None = None, raise_on_timeout: bool = True) -> ExecResult:
+                   idem_key: str | None = None, idle_timeout_s: float | None = None,
+                   raise_on_timeout: bool = True) -> ExecResult:
         return await asyncio.to_thread(
             self.sync.exec, command, stdin=stdin, cwd=cwd, env=env, timeout_s=timeout_s,
-            max_output=max_output, idem_key=idem_key, raise_on_timeout=raise_on_timeout)
+            max_output=max_output, idem_key=idem_key, idle_timeout_s=idle_timeout_s,
+            raise_on_timeout=raise_on_timeout)
 
     async def call(self, function: Callable[..., Any], *args: Any, timeout_s: float = 60.0,
                    **kwargs: Any) -> Any:

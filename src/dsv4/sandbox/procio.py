@@ -28,8 +28,12 @@ class PumpResult:
 
 def pump(stdout_fd: int, stderr_fd: int, *, stdin_fd: int | None, stdin: bytes | None,
          timeout_s: float, max_output: int, on_deadline: Callable[[], None],
-         extra_fds: tuple[int, ...] = ()) -> tuple[PumpResult, dict[int, bytes]]:
+         extra_fds: tuple[int, ...] = (),
+         idle_timeout_s: float | None = None) -> tuple[PumpResult, dict[int, bytes]]:
     """Run the I/O loop until every output pipe reaches EOF or the deadline kill is done.
+
+    ``idle_timeout_s`` also ends the command (as a timeout) when neither stdout nor stderr
+    produced a byte for that many seconds.
 
     Closes every fd it is given. ``extra_fds`` are read without a cap (small control data,
     such as a pickled function result) and returned in the dict.
@@ -55,9 +59,12 @@ def pump(stdout_fd: int, stderr_fd: int, *, stdin_fd: int | None, stdin: bytes |
     truncated = False
     timed_out = False
     drain_until: float | None = None
+    last_output = start
     try:
         while selector.get_map():
             now = time.monotonic()
+            if idle_timeout_s is not None:
+                deadline = min(start + timeout_s, last_output + idle_timeout_s)
             if drain_until is None and now >= deadline:
                 timed_out = True
                 on_deadline()
@@ -88,6 +95,7 @@ def pump(stdout_fd: int, stderr_fd: int, *, stdin_fd: int | None, stdin: bytes |
                 if fd in extras:
                     extras[fd] += chunk
                     continue
+                last_output = time.monotonic()
                 room = max_output - len(buffers[fd])
                 if len(chunk) > room:
                     truncated = True

@@ -67,6 +67,7 @@ class ExecRequest:
     timeout_s: float = 60.0
     max_output: int = 1 << 20
     idem_key: str | None = None
+    idle_timeout_s: float | None = None    # kill after this long without output, seconds
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str) or not self.argv:
@@ -74,6 +75,8 @@ class ExecRequest:
                               f"wrap shell text as ['sh', '-c', text]")
         if not self.timeout_s > 0:
             raise InvalidSpec(f"timeout_s={self.timeout_s!r} must be > 0")
+        if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
+            raise InvalidSpec(f"idle_timeout_s={self.idle_timeout_s!r} must be > 0 or None")
         if self.max_output < 0:
             raise InvalidSpec(f"max_output={self.max_output!r} must be >= 0")
 

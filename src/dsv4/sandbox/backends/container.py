@@ -165,6 +165,7 @@ class ContainerSandbox(HostRootSandbox):
                 os.close(fd)
         io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
                      timeout_s=request.timeout_s, max_output=request.max_output,
+                     idle_timeout_s=request.idle_timeout_s,
                      on_deadline=lambda: self._stop(role))
         try:
             returncode = process.wait(timeout=WAIT_AFTER_KILL_S)

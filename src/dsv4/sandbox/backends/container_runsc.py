@@ -209,6 +209,7 @@ class RunscSandbox(ContainerSandbox):
         try:
             io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
                          timeout_s=request.timeout_s, max_output=request.max_output,
+                         idle_timeout_s=request.idle_timeout_s,
                          on_deadline=stop)
         finally:
             pump_done.set()

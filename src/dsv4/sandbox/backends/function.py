@@ -145,6 +145,7 @@ class FunctionSandbox(HostRootSandbox):
                 os.close(fd)
             io, extras = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
                               timeout_s=request.timeout_s, max_output=request.max_output,
+                              idle_timeout_s=request.idle_timeout_s,
                               on_deadline=lambda: self.cgroup.kill(role), extra_fds=extra)
             status = self._expect("status")["status"]
             self.cgroup.kill(role)          # reap anything the call left running
