@@ -125,7 +125,8 @@ class SandboxCgroup:
                 os.makedirs(path, exist_ok=True)
             quota = max(1000, int(cpu * CPU_PERIOD_US))
             if self.layout.mode == "v2":
-                assert self.v2 is not None
+                assert self.v2 is not None and self.layout.v2 is not None
+                _enable_v2_controllers(self.layout.v2)
                 _write(os.path.join(self.v2, "memory.max"), str(memory_bytes))
                 _write(os.path.join(self.v2, "memory.swap.max"), "0")
                 _write(os.path.join(self.v2, "pids.max"), str(pids))
@@ -269,6 +270,20 @@ class SandboxCgroup:
             self.kill()
         for path in self.directories():
             remove_tree(path)
+
+
+def _enable_v2_controllers(parent: str) -> None:
+    """Enable memory, pids and cpu for the children of ``parent`` (pure cgroup v2).
+
+    NOTE: only tested on hybrid hosts. The kernel rejects this (EBUSY) while ``parent`` itself
+    holds processes, so on a pure-v2 host run dsv4 in a cgroup delegated for it, such as a
+    systemd scope with Delegate=yes, and move the host process into a child leaf.
+    """
+    enabled = set(_read(os.path.join(parent, "cgroup.subtree_control")).split())
+    missing = [c for c in ("memory", "pids", "cpu") if c not in enabled]
+    if missing:
+        _write(os.path.join(parent, "cgroup.subtree_control"),
+               " ".join(f"+{c}" for c in missing))
 
 
 def remove_tree(path: str, timeout_s: float = 2.0) -> None:
