@@ -196,6 +196,15 @@ def test_hundred_megabytes_of_output(sandbox, baseline_pids):
     assert result.exit_code == 0
 
 
+def test_closed_output_still_meets_deadline(sandbox, baseline_pids):
+    start = time.monotonic()
+    result = sandbox.exec("echo closing; exec >&- 2>&-; sleep 30", timeout_s=1.5,
+                          raise_on_timeout=False)
+    assert result.timed_out
+    assert result.stdout == b"closing\n"
+    assert time.monotonic() - start < 1.5 + DEADLINE_SLACK_S
+
+
 def test_fork_bomb(request, sandbox):
     """Runs last in the module because in some layers the bomb may end the sandbox."""
     try:
@@ -208,3 +217,4 @@ def test_fork_bomb(request, sandbox):
     assert result.timed_out or result.exit_code is not None
     assert result.duration_s < 3 + DEADLINE_SLACK_S
     assert sandbox.exec("echo alive", timeout_s=30).stdout == b"alive\n"
+

@@ -167,9 +167,13 @@ class ContainerSandbox(HostRootSandbox):
                      timeout_s=request.timeout_s, max_output=request.max_output,
                      idle_timeout_s=request.idle_timeout_s,
                      on_deadline=lambda: self._stop(role))
+        # A command can close its output and keep running, so it gets the rest of its deadline
+        # to exit before the leaf is killed.
+        timed_out = io.timed_out
         try:
-            returncode = process.wait(timeout=WAIT_AFTER_KILL_S)
+            returncode = process.wait(timeout=max(0.0, request.timeout_s - io.duration_s))
         except subprocess.TimeoutExpired:
+            timed_out = True
             self._stop(role)
             returncode = process.wait()
         self._stop(role)                     # background children die with their exec
@@ -178,10 +182,10 @@ class ContainerSandbox(HostRootSandbox):
         self._processes.pop(role, None)
         if self._killed:
             raise SandboxLost(self.sandbox_id, "killed during exec")
-        if returncode == 97 and not io.timed_out:
+        if returncode == 97 and not timed_out:
             raise SandboxLost(self.sandbox_id, f"failed to join cgroup leaf {role}")
-        result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
-                            io.timed_out, io.truncated, io.duration_s,
+        result = ExecResult(None if timed_out else returncode, io.stdout, io.stderr,
+                            timed_out, io.truncated, io.duration_s,
                             oom_killed=oom_killed)
         self.write_journal(request, result)
         return result

@@ -213,7 +213,14 @@ class RunscSandbox(ContainerSandbox):
                          on_deadline=stop)
         finally:
             pump_done.set()
-        returncode = process.wait()
+        timed_out = io.timed_out
+        try:
+            # A command that closed its output still gets only the rest of its deadline.
+            returncode = process.wait(timeout=max(0.0, request.timeout_s - io.duration_s))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stop()
+            returncode = process.wait()
         sweeper.join(RUNSC_TIMEOUT_S)
         try:
             os.unlink(pid_file)
@@ -224,8 +231,8 @@ class RunscSandbox(ContainerSandbox):
         if returncode == RUNSC_EXEC_FAILED and not self.is_alive():
             raise SandboxLost(self.sandbox_id, "the gVisor container stopped: "
                                                + io.stderr.decode(errors="replace")[-300:])
-        result = ExecResult(None if io.timed_out else returncode, io.stdout, io.stderr,
-                            io.timed_out, io.truncated, io.duration_s,
+        result = ExecResult(None if timed_out else returncode, io.stdout, io.stderr,
+                            timed_out, io.truncated, io.duration_s,
                             oom_killed=self.cgroup.oom_kills() > oom_before)
         self.write_journal(request, result)
         return result

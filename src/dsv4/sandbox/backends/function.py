@@ -66,6 +66,7 @@ class FunctionSandbox(HostRootSandbox):
         self._zygote_pid = 0
         self._zygote_fd = -1
         self._dead_reason = ""
+        self._paused = False
 
     def start(self, root_from: str | None = None, previous_uid: int | None = None) -> None:
         """Mount the root, start the zygote; ``root_from`` is a snapshot's copy of a root."""
@@ -135,7 +136,8 @@ class FunctionSandbox(HostRootSandbox):
                 "cgroup_procs": procs, "number": self._calls})
             try:
                 socket.send_fds(self._control, [message], child_fds)
-                self._expect("pid")
+                if self._expect("pid", STATUS_TIMEOUT_S) is None:
+                    raise SandboxLost(self.sandbox_id, "the zygote did not start the call")
             except (OSError, SandboxLost) as error:
                 self._mark_dead(f"zygote control channel failed: {error}")
                 for fd in (*child_fds, stdin_w, stdout_r, stderr_r, *extra):
@@ -147,27 +149,54 @@ class FunctionSandbox(HostRootSandbox):
                               timeout_s=request.timeout_s, max_output=request.max_output,
                               idle_timeout_s=request.idle_timeout_s,
                               on_deadline=lambda: self.cgroup.kill(role), extra_fds=extra)
-            status = self._expect("status")["status"]
+            # A child can close its output and keep running, so the pipes reaching EOF does
+            # not end the call. Its exit status is awaited until the deadline, then the leaf
+            # is killed.
+            timed_out = io.timed_out
+            remaining = max(0.0, request.timeout_s - io.duration_s)
+            reply = self._expect("status", remaining)
+            if reply is None:
+                timed_out = True
+                self.cgroup.kill(role)
+                reply = self._expect("status", STATUS_TIMEOUT_S)
+            if reply is None:
+                self._mark_dead("the zygote sent no exit status after the call was killed")
+                raise SandboxLost(self.sandbox_id, self._dead_reason)
+            status = reply["status"]
             self.cgroup.kill(role)          # reap anything the call left running
             oom_killed = self.cgroup.oom_kills() > oom_before
             self.cgroup.remove_leaf(role)
             shutil.rmtree(os.path.join(self.root, "tmp", role), ignore_errors=True)
-            exit_code = None if io.timed_out else _exit_code(status)
-            result = ExecResult(exit_code, io.stdout, io.stderr, io.timed_out, io.truncated,
+            exit_code = None if timed_out else _exit_code(status)
+            result = ExecResult(exit_code, io.stdout, io.stderr, timed_out, io.truncated,
                                 io.duration_s, oom_killed=oom_killed)
             self.write_journal(request, result)
             return result, extras.get(extra[0], b"") if extra else b""
 
-    def _expect(self, key: str) -> dict:
+    def _expect(self, key: str, wait_s: float) -> dict | None:
+        """Return the zygote's next message (which must contain ``key``), or None on timeout.
+
+        While the sandbox is paused the zygote cannot reply, so the wait does not count.
+        """
         control = self._control
         if control is None:
             raise SandboxLost(self.sandbox_id, self._dead_reason or "not started")
-        try:
-            control.settimeout(STATUS_TIMEOUT_S)
-            data = control.recv(65536)
-            control.settimeout(None)
-        except (socket.timeout, OSError):
-            data = b""            # timed out, or kill() closed the socket meanwhile
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                control.settimeout(max(0.01, deadline - time.monotonic()))
+                data = control.recv(65536)
+                control.settimeout(None)
+                break
+            except socket.timeout:
+                if self._paused:
+                    deadline = time.monotonic() + wait_s
+                    continue
+                if time.monotonic() >= deadline:
+                    return None
+            except OSError:
+                data = b""        # kill() closed the socket meanwhile
+                break
         if not data:
             raise SandboxLost(self.sandbox_id, self._dead_reason
                               or f"zygote sent no {key!r} message")
@@ -216,6 +245,14 @@ class FunctionSandbox(HostRootSandbox):
             subprocess.run(["cp", "-a", self.root, os.path.join(target, "root")], check=True)
         return SnapshotRef(self.layer, "fs", target, self.spec, self.sandbox_id,
                            {"uid": self.uid})
+
+    def pause(self) -> None:
+        self._paused = True
+        super().pause()
+
+    def resume(self) -> None:
+        super().resume()
+        self._paused = False
 
     def stats(self) -> SandboxStats:
         return self.host_stats(self.root)
