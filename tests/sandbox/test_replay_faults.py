@@ -218,3 +218,30 @@ def test_truncate_log_tail_at_every_offset(host, reference, tmp_path):
 
     assert counter(client, sandbox_id) == list(range(0, STEPS, 3))  # nothing ran twice
     assert len(resumed_per_class) == tail_records + 1
+
+
+def test_kill_after_exec_every_combination(host, reference, tmp_path):
+    """Cover every (non-idempotent step, post-execution point) pair the rotation above skips.
+
+    A kill after a non-idempotent call ran settles that step on resume (from the journal),
+    so one trajectory can take only one post-execution kill per such step. Three more
+    trajectories shift the rotation, so together with the test above every pair is hit.
+    """
+    client, client_args, created = host
+    _, _, expected = reference
+    for shift in range(1, len(POST_EXEC)):
+        traj = f"shift{shift}"
+        log_root = tmp_path / traj
+        for step in range(0, STEPS, 3):
+            point = POST_EXEC[(step // 3 + shift) % len(POST_EXEC)]
+            out = tmp_path / f"{traj}-{step}.pkl"
+            code = run_worker(log_root, traj, client_args, step, (step, point), out)
+            assert not out.with_suffix(".err").exists(), out.with_suffix(".err").read_text()
+            assert code == -signal.SIGKILL, f"{traj}: worker was not killed at {point} of step {step} (exit {code})"
+
+        final = tmp_path / f"{traj}-final.pkl"
+        assert run_worker(log_root, traj, client_args, STEPS - 1, None, final) == 0, final.with_suffix(".err")
+        assert pickle.loads(final.read_bytes()) == expected
+        sandbox_id = TrajectoryLog(log_root).load(RUN, traj).sandbox_id
+        created.append(sandbox_id)
+        assert counter(client, sandbox_id) == list(range(0, STEPS, 3))
