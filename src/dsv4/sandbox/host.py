@@ -2,8 +2,8 @@
 
 One ``Host`` owns every sandbox it creates on this machine under one state directory. Admission
 reserves each sandbox's ``cpu`` and ``memory_mb`` against the host budget. When they do not
-fit, it raises ``Busy`` with a retry delay instead of queueing. A reaper thread kills sandboxes whose
-lifetime ended and removes host resources (cgroups, mounts, directories, processes) that carry
+fit, it raises ``Busy`` with a retry delay instead of queueing. A reaper thread kills
+sandboxes whose lifetime ended and removes host resources (cgroups, mounts, directories, processes) that carry
 this host's tag but belong to no live sandbox. It runs at start-up, so a restarted host cleans
 up after a crashed one, and then every ``reap_interval_s``.
 """

@@ -12,7 +12,7 @@ import os
 import selectors
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 DRAIN_GRACE_S = 0.2
 
@@ -111,3 +111,31 @@ def pump(stdout_fd: int, stderr_fd: int, *, stdin_fd: int | None, stdin: bytes |
     result = PumpResult(bytes(buffers[stdout_fd]), bytes(buffers[stderr_fd]), truncated,
                         timed_out, time.monotonic() - start)
     return result, {fd: bytes(data) for fd, data in extras.items()}
+
+
+T = TypeVar("T")
+
+
+class StdioPipes:
+    """Three pipes for a child's stdin, stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.stdin_r, self.stdin_w = os.pipe()
+        self.stdout_r, self.stdout_w = os.pipe()
+        self.stderr_r, self.stderr_w = os.pipe()
+
+    def start(self, spawn: Callable[[int, int, int], T]) -> T:
+        """Call ``spawn(stdin, stdout, stderr)`` with the child ends and return its result.
+
+        The child ends are closed afterwards in this process. When ``spawn`` fails, the
+        parent ends are closed too, so nothing leaks.
+        """
+        try:
+            return spawn(self.stdin_r, self.stdout_w, self.stderr_w)
+        except BaseException:
+            for fd in (self.stdin_w, self.stdout_r, self.stderr_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (self.stdin_r, self.stdout_w, self.stderr_w):
+                os.close(fd)

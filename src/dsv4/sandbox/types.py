@@ -135,7 +135,7 @@ class SandboxStats:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Feature table of one layer, so code can check support instead of catching ``NotSupported``."""
+    """Feature table of one layer, so code can check support instead of catching errors."""
 
     layer: str
     exec: bool = True

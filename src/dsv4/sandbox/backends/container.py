@@ -26,7 +26,7 @@ from dsv4.sandbox.backends.base import Backend, ProbeResult, SessionHandle, Sess
 from dsv4.sandbox.backends.host_root import HostRootSandbox, start_or_clean_up
 from dsv4.sandbox.backends.function import sandbox_uid, teardown
 from dsv4.sandbox.errors import InvalidSpec, SandboxLost
-from dsv4.sandbox.procio import pump
+from dsv4.sandbox.procio import StdioPipes, pump
 from dsv4.sandbox.rootfs_files import RootFiles
 from dsv4.sandbox.seccomp_filter import write_bpf
 from dsv4.sandbox.sessions import SESSION_ARGV, PipeSession
@@ -150,20 +150,11 @@ class ContainerSandbox(HostRootSandbox):
     def exec(self, request: ExecRequest) -> ExecResult:
         role = self._next_role("exec")
         oom_before = self.cgroup.oom_kills()
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        try:
-            process = self._spawn(role, list(request.argv), request.cwd, dict(request.env),
-                                  stdin_r, stdout_w, stderr_w)
-        except BaseException:
-            for fd in (stdin_w, stdout_r, stderr_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
-                os.close(fd)
-        io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
+        pipes = StdioPipes()
+        process = pipes.start(lambda *stdio: self._spawn(role, list(request.argv), request.cwd,
+                                                          dict(request.env), *stdio))
+        io, _ = pump(pipes.stdout_r, pipes.stderr_r, stdin_fd=pipes.stdin_w,
+                     stdin=request.stdin,
                      timeout_s=request.timeout_s, max_output=request.max_output,
                      idle_timeout_s=request.idle_timeout_s,
                      on_deadline=lambda: self._stop(role))
@@ -194,21 +185,16 @@ class ContainerSandbox(HostRootSandbox):
         if kind not in SESSION_ARGV:
             raise InvalidSpec(f"session kind={kind!r} is unknown; use 'bash' or 'python'")
         role = self._next_role("session")
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        try:
-            self._spawn(role, SESSION_ARGV[kind], None, {}, stdin_r, stdout_w, stderr_w)
-        finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
-                os.close(fd)
+        pipes = StdioPipes()
+        pipes.start(lambda *stdio: self._spawn(role, SESSION_ARGV[kind], None, {}, *stdio))
 
         def kill_session() -> None:
             self._stop(role)
             self.cgroup.remove_leaf(role)
             self._processes.pop(role, None)
 
-        session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r, kill_session)
+        session = PipeSession(kind, self.sandbox_id, pipes.stdin_w, pipes.stdout_r,
+                              pipes.stderr_r, kill_session)
         self._sessions.append(session)
         return session
 
@@ -216,7 +202,8 @@ class ContainerSandbox(HostRootSandbox):
     def snapshot(self, kind: Literal["fs", "full"] = "fs") -> SnapshotRef:
         if kind != "fs":
             return super().snapshot(kind)
-        target = os.path.join(self.backend.snapshot_dir, f"{self.sandbox_id}-{uuid.uuid4().hex[:8]}")
+        target = os.path.join(self.backend.snapshot_dir,
+                              f"{self.sandbox_id}-{uuid.uuid4().hex[:8]}")
         os.makedirs(target)
         self.cgroup.freeze(True)     # a consistent copy: nothing writes while it is taken
         try:

@@ -29,7 +29,7 @@ from dsv4.sandbox.backends.container import (RUNSC_ROOT, ContainerBackend, Conta
                                              remove_runsc_state)
 from dsv4.sandbox.backends.function import teardown
 from dsv4.sandbox.errors import InvalidSpec, SandboxLost, StartError
-from dsv4.sandbox.procio import pump
+from dsv4.sandbox.procio import StdioPipes, pump
 from dsv4.sandbox.sessions import SESSION_ARGV, PipeSession
 from dsv4.sandbox.types import (Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats,
                                 SnapshotRef)
@@ -173,22 +173,10 @@ class RunscSandbox(ContainerSandbox):
             return None
 
     def exec(self, request: ExecRequest) -> ExecResult:
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        try:
-            process, pid_file = self._start_process(list(request.argv), request.cwd,
-                                                    dict(request.env), stdin_r, stdout_w,
-                                                    stderr_w)
-        except BaseException:
-            for fd in (stdin_w, stdout_r, stderr_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
-                os.close(fd)
-
-        existing = set(self._process_table())
+        existing = set(self._process_table())     # taken before the command can fork
+        pipes = StdioPipes()
+        process, pid_file = pipes.start(lambda *stdio: self._start_process(
+            list(request.argv), request.cwd, dict(request.env), *stdio))
         pump_done = threading.Event()
 
         def stop() -> None:
@@ -207,8 +195,9 @@ class RunscSandbox(ContainerSandbox):
         sweeper = threading.Thread(target=sweep_after_exit, daemon=True)
         sweeper.start()
         try:
-            io, _ = pump(stdout_r, stderr_r, stdin_fd=stdin_w, stdin=request.stdin,
-                         timeout_s=request.timeout_s, max_output=request.max_output,
+            io, _ = pump(pipes.stdout_r, pipes.stderr_r, stdin_fd=pipes.stdin_w,
+                         stdin=request.stdin, timeout_s=request.timeout_s,
+                         max_output=request.max_output,
                          idle_timeout_s=request.idle_timeout_s,
                          on_deadline=stop)
         finally:
@@ -241,17 +230,11 @@ class RunscSandbox(ContainerSandbox):
         if kind not in SESSION_ARGV:
             raise InvalidSpec(f"session kind={kind!r} is unknown; use 'bash' or 'python'")
         role = f"session-{uuid.uuid4().hex[:8]}"
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        try:
-            process, pid_file = self._start_process(SESSION_ARGV[kind], None, {}, stdin_r,
-                                                    stdout_w, stderr_w)
-        finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
-                os.close(fd)
-        session = PipeSession(kind, self.sandbox_id, stdin_w, stdout_r, stderr_r,
-                              lambda: self._end_session(role, process, pid_file))
+        pipes = StdioPipes()
+        process, pid_file = pipes.start(lambda *stdio: self._start_process(
+            SESSION_ARGV[kind], None, {}, *stdio))
+        session = PipeSession(kind, self.sandbox_id, pipes.stdin_w, pipes.stdout_r,
+                              pipes.stderr_r, lambda: self._end_session(role, process, pid_file))
         # The first run returns once the shell has started, so its pid file exists afterwards.
         session.run("true" if kind == "bash" else "pass", timeout_s=RUNSC_TIMEOUT_S)
         pid = self._read_pid(pid_file)
