@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dsv4.sandbox import NotSupported, Sandbox
+from dsv4.sandbox import ExecTimeout, NotSupported, Sandbox
 from dsv4.sandbox.backends.qemu import find_qemu_pids
 from dsv4.sandbox.backends.qemu_backend import process_name
 from dsv4.sandbox.errors import SandboxError, SandboxFileNotFound, SandboxLost
@@ -114,6 +114,30 @@ def test_stats(sandbox):
     assert stats.pids == 0, sandbox.handle._root("ps -o pid,ppid,user,stat,args").stdout
     assert stats.memory_bytes > 10 << 20
     assert stats.cpu_s > 0
+
+
+def test_shell_session_keeps_state(sandbox):
+    with sandbox.session("bash") as session:
+        first = session.run("cd /tmp; COUNTER=41; echo set; echo warn >&2")
+        assert first.exit_code == 0
+        assert first.stdout == b"set\n"
+        assert first.stderr == b"warn\n"
+        second = session.run("COUNTER=$((COUNTER + 1)); pwd; echo $COUNTER $GREETING; false")
+        assert second.stdout == b"/tmp\n42 hi\n"
+        assert second.exit_code == 1
+    assert sandbox.stats().pids == 0, "closing the session must end its processes"
+
+
+def test_session_deadline_ends_session(sandbox):
+    session = sandbox.session("bash")
+    with pytest.raises(ExecTimeout) as timeout:
+        session.run("echo before; sleep 100", timeout_s=1)
+    assert timeout.value.result.timed_out
+    with pytest.raises(SandboxLost):
+        session.run("echo after")
+    session.close()
+    with pytest.raises(NotSupported):
+        sandbox.session("python")
 
 
 def test_journal_records_idem_key(sandbox):

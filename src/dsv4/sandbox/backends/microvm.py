@@ -14,5 +14,6 @@ class MicroVMBackend(QemuBackend):
     layer = "microvm"
     machine_type = "microvm"
     uses_disk = False
-    notes = ("memory_mb is the guest RAM and files live in it; no cpu quota beyond the vCPU "
+    notes = ("bash sessions run busybox sh and end when any command hits its deadline; "
+             "memory_mb is the guest RAM and files live in it; no cpu quota beyond the vCPU "
              "count; disk_mb is not applied; no Firecracker engine")

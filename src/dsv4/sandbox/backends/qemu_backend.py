@@ -91,7 +91,7 @@ class QemuBackend(Backend):
     def capabilities(cls) -> Capabilities:
         guest = "kernel and disk" if cls.uses_disk else "kernel"
         return Capabilities(
-            layer=cls.layer, sessions=False, snapshot_fs=cls.uses_disk, snapshot_full=True,
+            layer=cls.layer, sessions=True, snapshot_fs=cls.uses_disk, snapshot_full=True,
             fork=True, pause=True, limits=("memory", "pids", "output"),
             isolation=f"QEMU {cls.machine_type} guest with its own {guest} (KVM when it works, "
                       f"else TCG), no network device, commands as an unprivileged guest user",

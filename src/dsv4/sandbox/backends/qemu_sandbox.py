@@ -17,9 +17,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from dsv4.sandbox.backends.base import SandboxHandle, result_digest
+from dsv4.sandbox.backends.base import SandboxHandle, SessionHandle, SessionKind, result_digest
 from dsv4.sandbox.backends.qemu import QemuMachine
 from dsv4.sandbox.backends.qemu_agent import AgentResult, AgentUnresponsive, command_script
+from dsv4.sandbox.backends.qemu_session import GuestShellSession
 from dsv4.sandbox.errors import (InvalidSpec, NotSupported, SandboxError, SandboxFileNotFound,
                                  SandboxLost)
 from dsv4.sandbox.types import (JOURNAL_DIR, ExecRequest, ExecResult, FileInfo, SandboxStats,
@@ -93,6 +94,12 @@ class QemuSandbox(SandboxHandle):
             return self.read_file(f"{JOURNAL_DIR}/{idem_key}").decode()
         except SandboxFileNotFound:
             return None
+
+    def open_session(self, kind: SessionKind = "bash") -> SessionHandle:
+        if kind != "bash":
+            raise NotSupported(self.layer, f"{kind} sessions", "the guest has no Python; "
+                               "use a 'bash' session (busybox sh)")
+        return GuestShellSession(self)
 
     # File plane ----------------------------------------------------------------------------------
     @staticmethod
@@ -191,9 +198,13 @@ class QemuSandbox(SandboxHandle):
         self._paused = False
 
     def stats(self) -> SandboxStats:
-        # pids counts the processes of the sandbox user (uid 1000), not the agent's or kernel's.
-        result = self._root("echo $(grep -l '^Uid:[[:space:]]*1000[[:space:]]' /proc/[0-9]*/status "
-                            "2>/dev/null | wc -l) "
+        # pids counts live processes of the sandbox user (uid 1000), not zombies, the agent's
+        # or the kernel's. In /proc/PID/status, Name is the first line and State comes before
+        # Uid. cat skips processes that exit while it reads; awk would stop at the first one.
+        result = self._root("echo $(cat /proc/[0-9]*/status 2>/dev/null | awk "
+                            "'/^Name:/ {state = \"\"} /^State:/ {state = $2} "
+                            "/^Uid:/ {if ($2 == 1000 && state != \"Z\") count++} "
+                            "END {print count + 0}') "
                             "$(du -sk /work /tmp 2>/dev/null | awk '{s += $1} END {print s}')\n")
         pids, disk_kib = (int(value) for value in result.stdout.split()[:2])
         if self.machine.config.disk:

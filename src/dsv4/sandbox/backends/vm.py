@@ -14,5 +14,6 @@ class VMBackend(QemuBackend):
     layer = "vm"
     machine_type = "pc"
     uses_disk = True
-    notes = ("memory_mb is the guest RAM; the root disk is a 256 MiB ext4 image and disk_mb "
+    notes = ("bash sessions run busybox sh and end when any command hits its deadline; "
+             "memory_mb is the guest RAM; the root disk is a 256 MiB ext4 image and disk_mb "
              "is not applied; no cpu quota beyond the vCPU count")
