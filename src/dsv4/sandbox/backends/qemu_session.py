@@ -1,7 +1,7 @@
 """Persistent shell sessions in a microVM or VM guest, built on the agent's exec requests.
 
 A session is a busybox ``sh`` (the guest has no bash and no Python) that runs as the sandbox
-user and reads commands from a FIFO in ``/run/sbx-sessions/<n>``. A ``sleep`` process keeps the
+user and reads commands from a FIFO in ``/run/sbx-sessions/<random id>``. A ``sleep`` process keeps the
 FIFO's write end open between calls. Its stdout and stderr go to files. Each ``run`` is one
 exec request that appends the code and an end marker to the FIFO, waits for the marker in
 both files, and returns what the code printed. The deadline is the exec's deadline: at the
@@ -10,7 +10,6 @@ deadline the host kills every process of the sandbox user, so the session ends.
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import shlex
 from typing import TYPE_CHECKING
@@ -27,7 +26,6 @@ SESSION_ROOT = "/run/sbx-sessions"
 # Exit status and stderr line of a run script whose session shell is gone.
 SESSION_GONE_EXIT = 125
 SESSION_GONE_MARKER = "__dsv4_session_gone"
-_numbers = itertools.count(1)
 
 
 class GuestShellSession(SessionHandle):
@@ -37,7 +35,7 @@ class GuestShellSession(SessionHandle):
 
     def __init__(self, sandbox: "QemuSandbox") -> None:
         self.sandbox = sandbox
-        self.directory = f"{SESSION_ROOT}/{next(_numbers)}-{secrets.token_hex(4)}"
+        self.directory = f"{SESSION_ROOT}/{secrets.token_hex(6)}"
         self._closed = False
         quoted = shlex.quote(self.directory)
         setup = (f"mkdir -p {quoted} && mkfifo {quoted}/in && touch {quoted}/out {quoted}/err "
@@ -67,14 +65,14 @@ class GuestShellSession(SessionHandle):
         # The code runs in the session shell; the script below only feeds it and waits.
         payload = (code.rstrip("\n") + f"\n__dsv4_rc=$?; echo; echo {marker} $__dsv4_rc; "
                    f"echo >&2; echo {marker} $__dsv4_rc >&2\n").encode()
-        gone = f"{{ echo {SESSION_GONE_MARKER} >&2; exit {SESSION_GONE_EXIT}; }}"
-        script = f"""cd {directory} || {gone}
-kill -0 "$(cat shell.pid)" 2>/dev/null || {gone}
+        exit_if_gone = f"{{ echo {SESSION_GONE_MARKER} >&2; exit {SESSION_GONE_EXIT}; }}"
+        script = f"""cd {directory} || {exit_if_gone}
+kill -0 "$(cat shell.pid)" 2>/dev/null || {exit_if_gone}
 out_start=$(stat -c %s out)
 err_start=$(stat -c %s err)
 cat > in
 until tail -c 200 out | grep -q '^{marker} ' && tail -c 200 err | grep -q '^{marker} '; do
-    kill -0 "$(cat shell.pid)" 2>/dev/null || {gone}
+    kill -0 "$(cat shell.pid)" 2>/dev/null || {exit_if_gone}
     usleep 10000
 done
 rc=$(tail -c 200 out | sed -n 's/^{marker} //p')
