@@ -174,6 +174,7 @@ class QemuBackend(Backend):
                     machine.destroy()
                 directory.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(directory, ignore_errors=True)   # left by an interrupted build
                 build_dir.rename(directory)
             finally:
                 shutil.rmtree(build_dir, ignore_errors=True)
