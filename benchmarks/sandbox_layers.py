@@ -69,14 +69,6 @@ BENCHES = {
 }
 
 
-def _mem_available_mb() -> float:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("MemAvailable missing from /proc/meminfo")
-
-
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -117,8 +109,11 @@ def creates_per_second(host: Host, bench: LayerBench, duration_s: float,
 
 
 def idle_density(host: Host, bench: LayerBench, count: int) -> tuple[int, float, float, float]:
-    """Return (alive, MiB per sandbox, create seconds, teardown seconds)."""
-    before = _mem_available_mb()
+    """Return (alive, MiB per sandbox, create seconds, teardown seconds).
+
+    Memory is what each layer charges to its sandbox (``stats().memory_bytes``: the cgroup
+    charge, or the QEMU RSS), because MemAvailable moves with everything else on a shared host.
+    """
     sandboxes, sessions = [], []
     start = time.monotonic()
     for _ in range(count):
@@ -131,7 +126,7 @@ def idle_density(host: Host, bench: LayerBench, count: int) -> tuple[int, float,
     created_s = time.monotonic() - start
     time.sleep(1.0)
     alive = sum(1 for sandbox in sandboxes if sandbox.is_running())
-    per_sandbox = (before - _mem_available_mb()) / max(1, len(sandboxes))
+    per_sandbox = statistics.mean(s.stats().memory_bytes for s in sandboxes) / (1 << 20)
     start = time.monotonic()
     for sandbox in sandboxes:
         sandbox.kill()
@@ -199,7 +194,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} after (other work on a shared host inflates every row). "
         "Cold start is create until the first `true` result; "
         "creates/s is create + first command + kill with two client threads; idle sandboxes "
-        "each hold an open bash session where the layer has sessions.\n\n"
+        "each hold an open bash session where the layer has sessions, and their memory is the "
+        "mean of `stats().memory_bytes` (cgroup charge or QEMU RSS).\n\n"
         "| layer | cold start p50 (ms) | p99 (ms) | target p50 (ms) | creates/s "
         "| idle alive | MiB per idle sandbox | create all (s) | kill all (s) |\n"
         "|---|---|---|---|---|---|---|---|---|")

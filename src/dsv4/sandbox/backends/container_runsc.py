@@ -290,7 +290,9 @@ class RunscSandbox(ContainerSandbox):
         try:
             subprocess.run(["cp", "-a", os.path.join(self.rw, "upper"), target], check=True)
         finally:
-            self._runsc("delete", "-force", self.sandbox_id, check=False)
+            # The same as "runsc delete -force", without its 2 s of polling here.
+            self.cgroup.kill("runsc")
+            remove_runsc_state(self.backend.state_dir, self.sandbox_id)
             self.start_runsc(image)
         return SnapshotRef(self.layer, "full", target, self.spec, self.sandbox_id,
                            {"uid": self.uid, "runtime": "runsc"})
@@ -301,8 +303,9 @@ class RunscSandbox(ContainerSandbox):
             for session in self._sessions:
                 session.close()
             self._sessions.clear()
-            self._runsc("kill", "--all", self.sandbox_id, "KILL", check=False)
-            self._runsc("delete", "-force", self.sandbox_id, check=False)
+        # Killing the cgroup stops the Sentry, gofer and guest at once. "runsc kill --all" and
+        # "runsc delete" take about 2 s together here, while all "delete" would still do is
+        # remove runsc's state files, which remove_runsc_state deletes directly.
         teardown(self.directory, self.cgroup)
         remove_runsc_state(self.backend.state_dir, self.sandbox_id)
 
@@ -373,11 +376,3 @@ class RunscBackend(ContainerBackend):
             sandbox.start_runsc(os.path.join(ref.path, "image") if ref.kind == "full" else None)
 
         return start_or_clean_up(sandbox, start, "gVisor container failed to start")
-
-    def reap(self, live_ids: set[str]) -> list[str]:
-        orphans = super().reap(live_ids)
-        for sandbox_id in orphans:
-            subprocess.run([*self.runsc_command(), "delete", "-force", sandbox_id],
-                           stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=RUNSC_TIMEOUT_S)
-        return orphans
