@@ -159,6 +159,22 @@ class AgentChannel:
                 raise AgentUnresponsive(f"guest agent did not respond to a ping within "
                                         f"{timeout_s:g} s") from exc
 
+    def hello(self, hostname: str, epoch_s: int, entropy: bytes, timeout_s: float = 30.0) -> None:
+        """Set the guest's hostname and clock and feed ``entropy`` to its random pool."""
+        if not hostname or any(ch.isspace() for ch in hostname):
+            raise ValueError(f"hostname={hostname!r} must be non-empty without whitespace")
+        with self._lock:
+            request_id = f"h{next(self._ids)}"
+            deadline = time.monotonic() + timeout_s
+            self._send(f"hello {request_id} {hostname} {int(epoch_s)} {len(entropy)}\n".encode())
+            try:
+                self._expect("more", request_id, deadline)
+                self._send(entropy)
+                self._expect("hello", request_id, deadline)
+            except TimeoutError as exc:
+                raise AgentUnresponsive(f"guest agent did not complete hello within "
+                                        f"{timeout_s:g} s") from exc
+
     def run(self, script: str, *, user: str, stdin: bytes = b"", cap: int = 1 << 20,
             timeout_s: float = 60.0) -> AgentResult:
         """Run a shell script in the guest as ``user`` ("root" or "sbx") with a host deadline.
@@ -177,9 +193,14 @@ class AgentChannel:
             header = f"exec {request_id} {user} {len(payload)} {len(stdin)} {cap}\n"
             try:
                 self._send(header.encode())
-                # The agent reads the payload only after "go", so the two never interleave.
-                self._expect("go", request_id, max(deadline, started + KILL_GRACE_S))
-                self._send(payload + stdin)
+                # The agent reads each payload only after it asked for it, so its reads never
+                # run past the end of one payload into the next request.
+                accept_deadline = max(deadline, started + KILL_GRACE_S)
+                self._expect("go", request_id, accept_deadline)
+                self._send(payload)
+                if stdin:
+                    self._expect("more", request_id, accept_deadline)
+                    self._send(stdin)
             except TimeoutError as exc:
                 raise AgentUnresponsive(f"guest agent did not accept request {request_id}") from exc
             timed_out = False

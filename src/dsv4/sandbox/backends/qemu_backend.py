@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +28,7 @@ from dsv4.sandbox import naming
 from dsv4.sandbox.backends.base import Backend, ProbeResult
 from dsv4.sandbox.backends.qemu import (QEMU_BINARY, MachineConfig, QemuMachine, find_qemu_pids,
                                         kill_pids, list_qemu_names, remove_run_dir)
+from dsv4.sandbox.backends.qemu_agent import AgentUnresponsive
 from dsv4.sandbox.backends.qemu_probe import probe_qemu_layer
 from dsv4.sandbox.backends.qemu_sandbox import QemuSandbox
 from dsv4.sandbox.errors import InvalidSpec, NotSupported, StartError
@@ -227,14 +229,20 @@ class QemuBackend(Backend):
 
     def _personalize(self, sandbox: QemuSandbox, restored: bool) -> None:
         """Give the guest its own hostname, the host's clock and fresh entropy."""
-        script = (f"hostname {naming.short_name(sandbox.sandbox_id)}\n"
-                  f"date -s @{int(time.time())} >/dev/null\n"
-                  "cat > /dev/urandom\n"
-                  f"mkdir -p {sandbox.spec.workdir} && chown sbx:sbx {sandbox.spec.workdir}\n")
-        result = sandbox._root(script, stdin=os.urandom(64))
-        if result.exit_code != 0:
+        try:
+            sandbox.machine.agent.hello(naming.short_name(sandbox.sandbox_id), int(time.time()),
+                                        os.urandom(64))
+        except AgentUnresponsive as exc:
             raise StartError(f"setting up sandbox {sandbox.sandbox_id} failed", layer=self.layer,
-                             detail=result.stderr.decode("utf-8", "replace"))
+                             detail=str(exc)) from exc
+        workdir = sandbox.spec.workdir
+        if workdir != "/work":       # the guest's rcS creates /work for the sandbox user
+            quoted = shlex.quote(workdir)
+            result = sandbox._root(f"mkdir -p {quoted} && chown sbx:sbx {quoted}\n")
+            if result.exit_code != 0:
+                raise StartError(f"creating workdir {workdir} in sandbox {sandbox.sandbox_id} "
+                                 f"failed", layer=self.layer,
+                                 detail=result.stderr.decode("utf-8", "replace"))
         log.debug("sandbox %s ready (%s)", sandbox.sandbox_id, "restored" if restored else "booted")
 
     def forget(self, sandbox_id: str) -> None:
