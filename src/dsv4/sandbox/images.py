@@ -6,6 +6,10 @@ and writable ``/tmp``, ``/work`` and ``/run/sbx/journal``. The layer then bind-m
 ``/usr`` read-only on top, so tools and interpreters are the host's but no other host path is
 visible. ``image="dir:/a:/b"`` stacks host directories as read-only overlay layers (the first
 is the top layer) above that same minimal root.
+
+NOTE: files of ``dir:`` layers keep their host owners. The container layer's root maps to an
+unprivileged host uid, so it can change such files only where their mode allows it. Image
+files (erofs, squashfs) are not supported yet.
 """
 
 from __future__ import annotations

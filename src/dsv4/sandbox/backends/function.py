@@ -82,6 +82,9 @@ class FunctionSandbox(HostRootSandbox):
                                 f"{self.uid}:{self.uid}", self.root], check=True)
 
         self.cgroup.create(cpu=spec.cpu, memory_bytes=spec.memory_mb << 20, pids=spec.pids)
+        # The Python installation is bound at its host path so imports resolve inside the
+        # chroot. NOTE: a virtualenv under the workdir path (e.g. /work/...) therefore shows up
+        # read-only inside the sandbox's workdir.
         readonly = list(images.HOST_READONLY)
         for prefix in {sys.base_prefix, sys.prefix}:
             if not prefix.startswith("/usr"):
