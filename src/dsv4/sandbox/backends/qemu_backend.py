@@ -75,7 +75,8 @@ def kvm_works() -> bool:
                                    boot_timeout_s=KVM_PROBE_TIMEOUT_S).destroy()
                 works, reason = True, "guest agent answered"
             except StartError as exc:
-                works, reason = False, str(exc)[-300:]
+                lines = [line for line in str(exc).splitlines() if "error" in line.lower()]
+                works, reason = False, (lines[0] if lines else str(exc))[-300:]
         log.info("KVM probe: %s (%s)", "works" if works else "does not work", reason)
         record.write_text(json.dumps({"key": key, "works": works, "reason": reason}))
         return works
