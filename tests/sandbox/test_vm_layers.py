@@ -133,6 +133,7 @@ def test_session_deadline_ends_session(sandbox):
     with pytest.raises(ExecTimeout) as timeout:
         session.run("echo before; sleep 100", timeout_s=1)
     assert timeout.value.result.timed_out
+    assert timeout.value.result.stdout == b"before\n"
     with pytest.raises(SandboxLost):
         session.run("echo after")
     session.close()

@@ -4,12 +4,14 @@ A session is a busybox ``sh`` (the guest has no bash and no Python) that runs as
 user and reads commands from a FIFO in ``/run/sbx-sessions/<random id>``. A ``sleep`` process keeps the
 FIFO's write end open between calls. Its stdout and stderr go to files. Each ``run`` is one
 exec request that appends the code and an end marker to the FIFO, waits for the marker in
-both files, and returns what the code printed. The deadline is the exec's deadline: at the
-deadline the host kills every process of the sandbox user, so the session ends.
+both files, and returns what the code printed. The deadline is the exec's deadline. At the
+deadline the host kills every process of the sandbox user, so the session ends, and the
+output written until then is read back from the files as guest root.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shlex
 from typing import TYPE_CHECKING
@@ -70,6 +72,7 @@ class GuestShellSession(SessionHandle):
 kill -0 "$(cat shell.pid)" 2>/dev/null || {exit_if_gone}
 out_start=$(stat -c %s out)
 err_start=$(stat -c %s err)
+echo "$out_start $err_start" > offsets
 cat > in
 until tail -c 200 out | grep -q '^{marker} ' && tail -c 200 err | grep -q '^{marker} '; do
     kill -0 "$(cat shell.pid)" 2>/dev/null || {exit_if_gone}
@@ -87,6 +90,7 @@ exit "$rc"
                                 timeout_s=timeout_s)
         if raw.timed_out:
             self._closed = True          # the deadline killed every process of the user
+            raw = self._partial_output(raw, max_output)
         elif raw.exit_code == SESSION_GONE_EXIT and SESSION_GONE_MARKER.encode() in raw.stderr:
             self._closed = True
             raise SandboxLost(self.sandbox.sandbox_id,
@@ -94,6 +98,20 @@ exit "$rc"
         return ExecResult(exit_code=raw.exit_code, stdout=raw.stdout, stderr=raw.stderr,
                           timed_out=raw.timed_out, truncated=raw.truncated,
                           duration_s=raw.duration_s)
+
+    def _partial_output(self, raw, max_output: int):
+        """Return ``raw`` with the output the session shell wrote before the deadline."""
+        if not self.sandbox.is_alive():
+            return raw
+        directory = shlex.quote(self.directory)
+        script = (f"cd {directory} && read out_start err_start < offsets || exit 1\n"
+                  "tail -c +$((out_start + 1)) out\n"
+                  "tail -c +$((err_start + 1)) err >&2\n")
+        partial = self.sandbox._run(script, user="root", cap=max_output, timeout_s=30)
+        if partial.exit_code != 0:
+            return raw
+        return dataclasses.replace(raw, stdout=partial.stdout, stderr=partial.stderr,
+                                   truncated=partial.truncated)
 
     def close(self) -> None:
         if self._closed:
