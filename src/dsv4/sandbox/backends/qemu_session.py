@@ -1,12 +1,12 @@
 """Persistent shell sessions in a microVM or VM guest, built on the agent's exec requests.
 
 A session is a busybox ``sh`` (the guest has no bash and no Python) that runs as the sandbox
-user and reads commands from a FIFO in ``/run/sbx-sessions/<random id>``. A ``sleep`` process keeps the
-FIFO's write end open between calls. Its stdout and stderr go to files. Each ``run`` is one
-exec request that appends the code and an end marker to the FIFO, waits for the marker in
-both files, and returns what the code printed. The deadline is the exec's deadline. At the
-deadline the host kills every process of the sandbox user, so the session ends, and the
-output written until then is read back from the files as guest root.
+user and reads commands from a FIFO in ``/run/sbx-sessions/<random id>``. A ``sleep`` process
+keeps the FIFO's write end open between calls. Its stdout and stderr go to files. Each ``run``
+is one exec request that appends the code and an end marker to the FIFO, waits for the marker
+in both files, and returns what the code printed. The deadline is the exec's deadline. At the
+deadline the host kills every process of the sandbox user, so the session ends, and the output
+written until then is read back from the files as guest root.
 """
 
 from __future__ import annotations
