@@ -33,7 +33,8 @@ from dsv4.sandbox.backends.qemu_agent import AgentUnresponsive
 from dsv4.sandbox.backends.qemu_probe import probe_qemu_layer
 from dsv4.sandbox.backends.qemu_sandbox import QemuSandbox
 from dsv4.sandbox.errors import InvalidSpec, NotSupported, StartError
-from dsv4.sandbox.guest.image import GuestImage, build_guest, cache_dir, cache_lock
+from dsv4.sandbox.guest.image import (GuestImage, build_base_disk, build_guest, cache_dir,
+                                      cache_lock, touch_entry)
 from dsv4.sandbox.types import Capabilities, SandboxSpec, SnapshotRef
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ class QemuBackend(Backend):
         """Create the VM's disk overlay: a copy of ``source`` or a fresh overlay on the base."""
         if not self.uses_disk:
             return
-        from dsv4.sandbox.guest.image import build_base_disk
-
         run_dir.mkdir(parents=True, exist_ok=True)
         if source is not None:
             shutil.copyfile(source, run_dir / "disk.qcow2")
@@ -157,6 +156,9 @@ class QemuBackend(Backend):
         name = f"template-{self.layer}-{self.guest().digest}-{config.key()}"
         directory = cache_dir() / "templates" / name
         if (directory / "state.bin").is_file():
+            touch_entry(directory)
+            if self.uses_disk:
+                build_base_disk(self.guest())   # keeps the overlay's backing file from pruning
             return directory
         with cache_lock(name):
             if (directory / "state.bin").is_file():

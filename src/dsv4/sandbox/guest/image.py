@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ def build_guest() -> GuestImage:
                 with gzip.open(tmp, "wb", compresslevel=6) as handle:
                     handle.write(newc_archive(entries))
                 tmp.rename(initrd)
+                prune_cache(digest)
+    touch_entry(out_dir)
     release = (kernel_dir / "release").read_text().strip()
     return GuestImage(kernel=kernel_dir / "vmlinuz", initrd=initrd, digest=digest, release=release)
 
@@ -192,6 +195,7 @@ def build_base_disk(guest: GuestImage, size_mb: int = 256) -> Path:
     """Return the cached qcow2 base disk of the VM layer (an ext4 root with the guest tree)."""
     out = cache_dir() / f"disk-{guest.digest}-{size_mb}" / "base.qcow2"
     if out.is_file():
+        touch_entry(out.parent)
         return out
     with cache_lock(f"disk-{guest.digest}-{size_mb}"):
         if out.is_file():
@@ -212,6 +216,39 @@ def build_base_disk(guest: GuestImage, size_mb: int = 256) -> Path:
                             str(tmp_out)], check=True, capture_output=True)
             tmp_out.rename(out)
     return out
+
+
+def prune_cache(keep_digest: str, max_idle_days: float = 7.0) -> list[Path]:
+    """Remove guests, disks and templates of other guest digests unused for ``max_idle_days``.
+
+    Every change to the guest files makes a new digest, so old entries (about 90 MiB per
+    template) would pile up. Use counts as a touch of the entry's mtime (``touch_entry``).
+    """
+    root = cache_dir()
+    cutoff = time.time() - max_idle_days * 86400
+    candidates = list(root.glob("guest-*")) + list(root.glob("disk-*"))
+    candidates += list((root / "templates").glob("template-*"))
+    removed = []
+    for path in candidates:
+        if keep_digest in path.name or not path.is_dir():
+            continue
+        try:
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError as exc:
+            log.warning("could not prune cache entry %s: %s", path, exc)
+    for path in removed:
+        log.info("pruned unused cache entry %s", path)
+    return removed
+
+
+def touch_entry(path: Path) -> None:
+    """Mark a cache directory as used now, so ``prune_cache`` keeps it."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _write_tree(root: Path, entries: list[Entry]) -> None:
