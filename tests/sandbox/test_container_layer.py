@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -183,6 +184,23 @@ def test_image_directory_layer(host, tmp_path):
         assert box.exec("cat /opt/app/version").stdout == b"1.2.3\n"
         box.exec("echo changed > /opt/app/version")
     assert (layer / "opt" / "app" / "version").read_text() == "1.2.3\n"
+    assert_no_residue(box.id, host)
+
+
+@pytest.mark.parametrize("kind", ["squashfs", "erofs"])
+def test_image_file_layer(host, tmp_path, kind):
+    source = tmp_path / "tree"
+    (source / "opt").mkdir(parents=True)
+    (source / "opt" / "release").write_text(f"{kind}\n")
+    image = tmp_path / ("layer.sqfs" if kind == "squashfs" else "layer.erofs")
+    if kind == "squashfs":
+        command = ["mksquashfs", str(source), str(image), "-quiet", "-noappend"]
+    else:
+        command = ["mkfs.erofs", "--quiet", str(image), str(source)]
+    subprocess.run(command, check=True, capture_output=True)
+    with Sandbox.create(f"dir:{image}", layer="container", host=host, memory_mb=64) as box:
+        assert box.exec("cat /opt/release").stdout == f"{kind}\n".encode()
+        box.exec("echo changed > /work/new")
     assert_no_residue(box.id, host)
 
 

@@ -7,9 +7,11 @@ and writable ``/tmp``, ``/work`` and ``/run/sbx/journal``. The layer then bind-m
 visible. ``image="dir:/a:/b"`` stacks host directories as read-only overlay layers (the first
 is the top layer) above that same minimal root.
 
-NOTE: files of ``dir:`` layers keep their host owners. The container layer's root maps to an
-unprivileged host uid, so it can change such files only where their mode allows it. Image
-files (erofs, squashfs) are not supported yet.
+A layer may also be an erofs or squashfs image file (``.erofs``, ``.sqfs``, ``.squashfs``),
+which the container layer loop-mounts read-only under the sandbox's own directory.
+
+NOTE: files of layers keep their owners. The container layer's root maps to an unprivileged
+host uid, so it can change such files only where their mode allows it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dsv4.sandbox.types import JOURNAL_DIR
 HOST_READONLY = ("/usr",)
 USR_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+IMAGE_FILE_SUFFIXES = (".erofs", ".sqfs", ".squashfs")
 
 
 def parse_image(image: str) -> list[str]:
@@ -32,9 +35,11 @@ def parse_image(image: str) -> list[str]:
     if image.startswith("dir:"):
         layers = [p for p in image[4:].split(":") if p]
         for layer in layers:
-            if not os.path.isdir(layer):
-                raise InvalidSpec(f"image layer {layer!r} is not a directory; "
-                                  f"image='dir:/path[:/path...]' takes host directories")
+            if not (os.path.isdir(layer) or (os.path.isfile(layer)
+                                             and layer.endswith(IMAGE_FILE_SUFFIXES))):
+                raise InvalidSpec(f"image layer {layer!r} is neither a directory nor an image "
+                                  f"file ({', '.join(IMAGE_FILE_SUFFIXES)}); "
+                                  f"image='dir:/path[:/path...]' takes host paths")
         return layers
     raise InvalidSpec(f"image={image!r} is not supported; use 'host' or 'dir:/path[:/path...]'")
 

@@ -65,6 +65,8 @@ class ContainerSandbox(HostRootSandbox):
         layers = images.parse_image(spec.image)
         for path in (self.rw, self.merged):
             os.makedirs(path)
+        layers = [self._mount_image_file(index, layer) if os.path.isfile(layer) else layer
+                  for index, layer in enumerate(layers)]
         mounts.mount("tmpfs", self.rw, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"size={spec.disk_mb}m,mode=0755")
         base, upper, work = (os.path.join(self.rw, name) for name in ("base", "upper", "work"))
@@ -89,6 +91,19 @@ class ContainerSandbox(HostRootSandbox):
         self.cgroup.create(cpu=spec.cpu,
                            memory_bytes=(spec.memory_mb + self.host_memory_overhead_mb) << 20,
                            pids=spec.pids + self.host_pids_overhead)
+
+    def _mount_image_file(self, index: int, path: str) -> str:
+        """Loop-mount an erofs or squashfs layer read-only; return the mount point.
+
+        The mount sits under the sandbox directory, so teardown and the reaper unmount it, and
+        mount(8) sets up the loop device with autoclear, so it is freed with the mount.
+        """
+        target = os.path.join(self.directory, "layers", str(index))
+        os.makedirs(target)
+        fstype = "erofs" if path.endswith(".erofs") else "squashfs"
+        subprocess.run(["mount", "-t", fstype, "-o", "loop,ro,nodev,nosuid", path, target],
+                       check=True, capture_output=True)
+        return target
 
     # Process start -------------------------------------------------------------------------
     def _next_role(self, prefix: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 from dsv4.sandbox import cgroups, images, mounts, naming
 from dsv4.sandbox.backends.base import Backend, ProbeResult
 from dsv4.sandbox.backends.host_root import HostRootSandbox, start_or_clean_up
-from dsv4.sandbox.errors import RemoteError, SandboxLost, StartError
+from dsv4.sandbox.errors import NotSupported, RemoteError, SandboxLost, StartError
 from dsv4.sandbox.procio import pump
 from dsv4.sandbox.rootfs_files import RootFiles
 from dsv4.sandbox.types import (Capabilities, ExecRequest, ExecResult, SandboxSpec, SandboxStats,
@@ -71,6 +71,9 @@ class FunctionSandbox(HostRootSandbox):
     def start(self, root_from: str | None = None, previous_uid: int | None = None) -> None:
         """Mount the root, start the zygote; ``root_from`` is a snapshot's copy of a root."""
         spec = self.spec
+        if spec.image != "host":
+            raise NotSupported(self.layer, f"image={spec.image!r}",
+                               "function sandboxes always use the host image")
         os.makedirs(self.root)
         mounts.mount("tmpfs", self.root, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"size={spec.disk_mb}m,mode=0755")
