@@ -67,6 +67,7 @@ class ContainerSandbox(HostRootSandbox):
             os.makedirs(path)
         layers = [self._mount_image_file(index, layer) if os.path.isfile(layer) else layer
                   for index, layer in enumerate(layers)]
+
         mounts.mount("tmpfs", self.rw, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"size={spec.disk_mb}m,mode=0755")
         base, upper, work = (os.path.join(self.rw, name) for name in ("base", "upper", "work"))
@@ -83,6 +84,7 @@ class ContainerSandbox(HostRootSandbox):
                                 f"{self.uid}:{self.uid}", upper], check=True)
         else:
             os.makedirs(upper)
+
         os.makedirs(work)
         os.chown(upper, self.uid, self.uid)
         lower = ":".join([*layers, base])
@@ -165,6 +167,7 @@ class ContainerSandbox(HostRootSandbox):
     def exec(self, request: ExecRequest) -> ExecResult:
         role = self._next_role("exec")
         oom_before = self.cgroup.oom_kills()
+
         pipes = StdioPipes()
         process = pipes.start(lambda *stdio: self._spawn(role, list(request.argv), request.cwd,
                                                           dict(request.env), *stdio))
@@ -173,6 +176,7 @@ class ContainerSandbox(HostRootSandbox):
                      timeout_s=request.timeout_s, max_output=request.max_output,
                      idle_timeout_s=request.idle_timeout_s,
                      on_deadline=lambda: self._stop(role))
+
         # A command can close its output and keep running, so it gets the rest of its deadline
         # to exit before the leaf is killed.
         timed_out = io.timed_out
