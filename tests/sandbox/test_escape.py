@@ -33,7 +33,7 @@ LAYER_OPTIONS: dict[str, dict] = {
     # Guest RAM and pids of the VM layers; test_vm_layers uses the same values, so both
     # modules restore from one cached template per layer.
     "microvm": {"memory_mb": 160, "pids": 64},
-    "vm": {"memory_mb": 160, "pids": 64},
+    "vm": {"memory_mb": 160, "pids": 64, "disk_mb": 64},
 }
 # Layers where a fork bomb may stop the sandbox (reported as SandboxLost) but never the host:
 # gVisor's ptrace platform backs every guest task with host tasks under the same pids limit.

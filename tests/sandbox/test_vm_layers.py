@@ -2,8 +2,8 @@
 
 These boot real QEMU guests (TCG on hosts where KVM cannot run them). One sandbox per layer
 serves the module. The first sandbox of a memory size builds a template snapshot in the cache
-directory, and later sandboxes restore it. ``VM_MEMORY_MB`` matches the escape suite so
-both modules share one template per layer.
+directory, and later sandboxes restore it. ``VM_MEMORY_MB`` and ``VM_DISK_MB`` match the escape
+suite so both modules share one template per layer.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from layer_support import assert_no_residue, temporary_host
 VM_LAYERS = ["microvm", "vm"]
 VM_MEMORY_MB = 160
 VM_PIDS = 64
+VM_DISK_MB = 64
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def host():
 
 def create(host, layer: str, **options) -> Sandbox:
     return Sandbox.create(layer=layer, host=host, memory_mb=VM_MEMORY_MB, pids=VM_PIDS,
-                          env={"GREETING": "hi"}, **options)
+                          disk_mb=VM_DISK_MB, env={"GREETING": "hi"}, **options)
 
 
 def assert_gone(sandbox: Sandbox, host) -> None:
@@ -96,8 +97,11 @@ def test_limits_are_guest_limits(sandbox):
     assert sandbox.exec("ulimit -u").stdout == f"{VM_PIDS}\n".encode()
     mem_total_kib = int(sandbox.exec("awk '/^MemTotal/ {print $2}' /proc/meminfo").stdout)
     assert VM_MEMORY_MB * 1024 * 0.6 < mem_total_kib <= VM_MEMORY_MB * 1024
+    if sandbox.layer == "vm":
+        root_kib = int(sandbox.exec("df -k / | awk 'NR == 2 {print $2}'").stdout)
+        assert VM_DISK_MB * 1024 * 0.8 < root_kib <= VM_DISK_MB * 1024
     # Forking past the limit fails inside the guest; the shell reports it.
-    result = sandbox.exec(f"sh -c 'for i in $(seq {VM_PIDS + 10}); do sleep 5 & done' 2>&1; "
+    result = sandbox.exec(f"sh -c 'for i in $(seq {VM_PIDS + 10}); do sleep 2 & done' 2>&1; "
                           "echo done", timeout_s=60)
     assert b"done" in result.stdout
     assert b"fork" in result.stdout.lower() or b"resource" in result.stdout.lower()

@@ -44,12 +44,13 @@ class MachineConfig:
     initrd: str
     extra_kernel_args: str = ""
     disk: bool = False           # attach run_dir/disk.qcow2 as virtio-blk (VM layer)
+    disk_mb: int = 0             # size of the ext4 root on that disk, MiB
 
     def key(self) -> str:
         """Return a string that names this configuration in template directories."""
         args = hashlib.sha256(self.kernel_args().encode()).hexdigest()[:8]
         return (f"{self.machine}-{self.accel}-m{self.memory_mb}-c{self.cpus}"
-                f"{'-disk' if self.disk else ''}-{args}")
+                f"{f'-disk{self.disk_mb}' if self.disk else ''}-{args}")
 
     def kernel_args(self) -> str:
         args = [KERNEL_ARGS, self.extra_kernel_args]

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # the unpacked initramfs alone take tens of MiB.
 MIN_MEMORY_MB = 128
 KVM_PROBE_TIMEOUT_S = 20.0
+# The guest tree (busybox and modules) takes about 3 MiB of the ext4 root disk.
+MIN_DISK_MB = 16
 
 
 def process_name(sandbox_id: str) -> str:
@@ -97,7 +99,9 @@ class QemuBackend(Backend):
         guest = "kernel and disk" if cls.uses_disk else "kernel"
         return Capabilities(
             layer=cls.layer, sessions=True, snapshot_fs=cls.uses_disk, snapshot_full=True,
-            fork=True, pause=True, limits=("memory", "pids", "output"),
+            fork=True, pause=True,
+            limits=(("memory", "pids", "disk", "output") if cls.uses_disk
+                    else ("memory", "pids", "output")),
             isolation=f"QEMU {cls.machine_type} guest with its own {guest} (KVM when it works, "
                       f"else TCG), no network device, commands as an unprivileged guest user",
             notes=cls.notes)
@@ -126,6 +130,9 @@ class QemuBackend(Backend):
         if spec.memory_mb < MIN_MEMORY_MB:
             raise InvalidSpec(f"memory_mb={spec.memory_mb} is too small for a {self.layer} "
                               f"sandbox; use at least {MIN_MEMORY_MB}")
+        if self.uses_disk and spec.disk_mb < MIN_DISK_MB:
+            raise InvalidSpec(f"disk_mb={spec.disk_mb} is too small for the {self.layer} root "
+                              f"disk; use at least {MIN_DISK_MB}")
         accel = spec.options.get("accel", "auto")
         if accel == "auto":
             accel = "kvm" if kvm_works() else "tcg"
@@ -136,9 +143,9 @@ class QemuBackend(Backend):
                              cpus=max(1, math.ceil(spec.cpu)), kernel=str(guest.kernel),
                              initrd=str(guest.initrd),
                              extra_kernel_args="dsv4.root=/dev/vda" if self.uses_disk else "",
-                             disk=self.uses_disk)
+                             disk=self.uses_disk, disk_mb=spec.disk_mb if self.uses_disk else 0)
 
-    def _prepare_disk(self, run_dir: Path, source: Path | None) -> None:
+    def _prepare_disk(self, config: MachineConfig, run_dir: Path, source: Path | None) -> None:
         """Create the VM's disk overlay: a copy of ``source`` or a fresh overlay on the base."""
         if not self.uses_disk:
             return
@@ -146,7 +153,7 @@ class QemuBackend(Backend):
         if source is not None:
             shutil.copyfile(source, run_dir / "disk.qcow2")
             return
-        base = build_base_disk(self.guest())
+        base = build_base_disk(self.guest(), config.disk_mb)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
                         str(run_dir / "disk.qcow2")], check=True, capture_output=True)
 
@@ -158,7 +165,8 @@ class QemuBackend(Backend):
         if (directory / "state.bin").is_file():
             touch_entry(directory)
             if self.uses_disk:
-                build_base_disk(self.guest())   # keeps the overlay's backing file from pruning
+                # Keeps the overlay's backing file from pruning.
+                build_base_disk(self.guest(), config.disk_mb)
             return directory
         with cache_lock(name):
             if (directory / "state.bin").is_file():
@@ -167,7 +175,7 @@ class QemuBackend(Backend):
             build_dir = Path(tempfile.mkdtemp(prefix="dsv4-template-"))
             run_dir = build_dir / "run"
             try:
-                self._prepare_disk(run_dir, None)
+                self._prepare_disk(config, run_dir, None)
                 machine = QemuMachine.launch(process_name(f"template-{secrets.token_hex(4)}"),
                                              config, run_dir)
                 try:
@@ -215,7 +223,7 @@ class QemuBackend(Backend):
                state: Path | None, disk: Path | None) -> QemuSandbox:
         run_dir = Path(self.state_dir) / sandbox_id
         try:
-            self._prepare_disk(run_dir, disk)
+            self._prepare_disk(config, run_dir, disk)
         except (OSError, subprocess.CalledProcessError) as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise StartError(f"creating the disk of sandbox {sandbox_id} failed", layer=self.layer,

@@ -15,5 +15,5 @@ class VMBackend(QemuBackend):
     machine_type = "pc"
     uses_disk = True
     notes = ("bash sessions run busybox sh and end when any command hits its deadline; "
-             "memory_mb is the guest RAM; the root disk is a 256 MiB ext4 image and disk_mb "
-             "is not applied; no cpu quota beyond the vCPU count")
+             "memory_mb is the guest RAM; disk_mb is the size of the ext4 root disk; "
+             "no cpu quota beyond the vCPU count")
