@@ -183,6 +183,11 @@ class QemuSandbox(SandboxHandle):
                     self.machine.save_state(target / "state.bin", resume=not self._paused)
                 elif not self._paused:
                     self.machine.qmp.execute("cont")
+        except (OSError, RuntimeError, ConnectionError) as exc:
+            # QMP errors arrive as RuntimeError, socket and file errors as OSError.
+            shutil.rmtree(target, ignore_errors=True)
+            raise SandboxError(f"{kind} snapshot of sandbox {self.sandbox_id} to {target} failed: "
+                               f"{exc}") from exc
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
