@@ -60,6 +60,11 @@ def test_exec_stdin_cwd_env(sandbox):
     assert not result.timed_out
 
 
+def test_idle_timeout_not_supported(sandbox):
+    with pytest.raises(NotSupported):
+        sandbox.exec("true", idle_timeout_s=1)
+
+
 def test_exec_runs_unprivileged(sandbox):
     assert sandbox.exec("id -u").stdout == b"1000\n"
     denied = sandbox.exec("echo x > /etc/passwd")

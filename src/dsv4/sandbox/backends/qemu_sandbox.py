@@ -73,6 +73,11 @@ class QemuSandbox(SandboxHandle):
         return self._run(script, user="root", stdin=stdin)
 
     def exec(self, request: ExecRequest) -> ExecResult:
+        if request.idle_timeout_s is not None:
+            # NOTE: the agent returns output only when the command ends, so the host cannot
+            # see idle periods; only the hard deadline (timeout_s) applies in VM layers.
+            raise NotSupported(self.layer, "idle_timeout_s",
+                               "output reaches the host only when the command ends; use timeout_s")
         env = dict(self.spec.env)
         env.update(request.env)
         try:
