@@ -1,0 +1,1 @@
+"""Sandbox layers: one module per layer, all implementing ``backends.base``."""
