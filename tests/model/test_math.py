@@ -294,3 +294,14 @@ def test_topk_matches_brute_force():
         candidates = sorted(range(int(visible[row])), key=lambda s: (-scores[row, s].item(), s))[:7]
         expected = sorted(candidates) + [-1] * (7 - len(candidates))
         assert got[row].tolist() == expected
+
+
+def test_cached_dequantized_weights_give_identical_logits():
+    config = load_preset("test-mix")
+    tensors = random_official_tensors(config, seed=9)
+    model = build_from_tensors(config, tensors.__getitem__, numerics="reference", dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(9))
+    before = model(ids)
+    assert model.cache_dequantized_weights(0) == 0
+    assert model.cache_dequantized_weights(1 << 30) > 0
+    assert torch.equal(model(ids), before)

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kv.set_defaults(handler=run_kv)
 
 
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", metavar="PATH|tiny",
                         help="checkpoint directory in the released layout, or 'tiny' (random "
@@ -125,12 +126,14 @@ def _run_one(engine, prompt_ids: list[int], params, on_text=None, detokenizer=No
 
 
 def run_generate(args) -> int:
-    from dsv4.engine.engine import EngineConfig, LLMEngine
+    from dsv4.engine.engine import SMALL_MODEL_CACHE_BYTES, EngineConfig, LLMEngine
 
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = _tokenizer()
     model = _load(args)
-    engine = LLMEngine(model, EngineConfig(upcast_weights=True), detokenize=tokenizer.decode)
+    config = EngineConfig(upcast_weights=True, dequantized_cache_bytes=SMALL_MODEL_CACHE_BYTES)
+    engine = LLMEngine(model, config,
+                       detokenize=tokenizer.decode)
     prompt_ids = tokenizer.encode(text)
     output, timings = _run_one(engine, prompt_ids, _params(args))
     completion = tokenizer.decode(output.token_ids)
@@ -156,11 +159,13 @@ def _encode_chat(messages: list[dict], mode: str, tokenizer) -> list[int]:
 
 
 def run_chat(args) -> int:
-    from dsv4.engine.engine import EngineConfig, LLMEngine
+    from dsv4.engine.engine import SMALL_MODEL_CACHE_BYTES, EngineConfig, LLMEngine
 
     tokenizer = _tokenizer()
     model = _load(args)
-    engine = LLMEngine(model, EngineConfig(upcast_weights=True), detokenize=tokenizer.decode)
+    config = EngineConfig(upcast_weights=True, dequantized_cache_bytes=SMALL_MODEL_CACHE_BYTES)
+    engine = LLMEngine(model, config,
+                       detokenize=tokenizer.decode)
     if args.model == "tiny":
         print("(tiny has random weights: its replies are noise that shows the machinery works)", file=sys.stderr)
     messages: list[dict] = []

@@ -23,6 +23,10 @@ from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
+# Models whose dequantized weights fit in this many bytes (the demo model does, the released
+# ones do not) can skip the per-matmul dequantization; the CLI and the server use it.
+SMALL_MODEL_CACHE_BYTES = 1 << 30
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +36,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_cache: bool = False  # reuse stored prompt prefixes (see LLMEngine.cache_prefix)
     upcast_weights: bool = False  # cast bf16 weights once, not per matmul (see ModelRunner.upcast_weights)
+    # Dequantize FP8/FP4 weights once when they fit in this many bytes (0 = per matmul, always).
+    dequantized_cache_bytes: int = 0
 
 
 @dataclass
@@ -99,6 +105,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.config.storage, self.config.block_entries)
         if self.config.upcast_weights:
             self.runner.upcast_weights()
+        if self.config.dequantized_cache_bytes:
+            cached = model.cache_dequantized_weights(self.config.dequantized_cache_bytes)
+            logger.info("dequantized weights cached: %.1f MiB", cached / 2**20)
         self._sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._prefixes: snapshot.PrefixCache | None = None

@@ -63,9 +63,22 @@ class QuantLinear(nn.Module):
             scale = None
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
+        self._dequantized: torch.Tensor | None = None  # optional cache, see cache_dequantized
+
+    def cache_dequantized(self, dtype: torch.dtype) -> int:
+        """Keep the dequantized weight in ``dtype`` from now on; returns the bytes it takes.
+
+        Results are bitwise the same as dequantizing per call. Only worth it for small models:
+        the cache costs the weight's full size in ``dtype``.
+        """
+        self._dequantized = None
+        self._dequantized = self.dequantized_weight(dtype)
+        return self._dequantized.numel() * self._dequantized.element_size()
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The logical [out, in] weight in ``dtype`` (a fresh tensor for quantized formats)."""
+        if self._dequantized is not None and self._dequantized.dtype == dtype:
+            return self._dequantized
         if self.fmt == "fp8":
             return quant.dequantize_fp8_blocks(self.weight, self.scale, dtype=dtype)
         if self.fmt == "fp4":

@@ -122,6 +122,18 @@ class Transformer(nn.Module):
 
         return SequenceState([layer_state(r) for r in c.layer_ratios], [layer_state(r) for r in c.mtp_ratios])
 
+    def cache_dequantized_weights(self, budget_bytes: int) -> int:
+        """Dequantize every FP8/FP4/bf16 linear weight once, if they fit in ``budget_bytes``.
+
+        Logits stay bitwise the same; decoding skips the per-matmul dequantization. Returns the
+        bytes cached, or 0 (and caches nothing) when the model is larger than the budget.
+        """
+        linears = [m for m in self.modules() if isinstance(m, QuantLinear)]
+        needed = sum(m.out_features * m.in_features for m in linears) * self.dtype.itemsize
+        if needed > budget_bytes:
+            return 0
+        return sum(m.cache_dequantized(self.dtype) for m in linears)
+
     # ------------------------------------------------------------------ forward passes
 
     def forward_streams(self, token_ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:

@@ -57,7 +57,7 @@ def default_served_name(path: str) -> str:
 def build_service(settings: ServerSettings):
     """Load the model and tokenizer, start the engine thread; returns the ChatService."""
     from dsv4.chat import default_tokenizer
-    from dsv4.engine.engine import EngineConfig, LLMEngine
+    from dsv4.engine.engine import SMALL_MODEL_CACHE_BYTES, EngineConfig, LLMEngine
     from dsv4.engine.scheduler import SchedulerConfig
     from dsv4.model.loading import load_model
     from dsv4.server.engine_loop import EngineLoop
@@ -68,7 +68,8 @@ def build_service(settings: ServerSettings):
     tokenizer = default_tokenizer()
     scheduler = SchedulerConfig(max_running=settings.max_running, prefill_chunk=settings.prefill_chunk,
                                 max_batched_tokens=max(settings.prefill_chunk, 2 * settings.max_running))
-    engine = LLMEngine(model, EngineConfig(storage=settings.storage, scheduler=scheduler),
+    engine = LLMEngine(model, EngineConfig(storage=settings.storage, scheduler=scheduler, upcast_weights=True,
+                                           dequantized_cache_bytes=SMALL_MODEL_CACHE_BYTES),
                        detokenize=tokenizer.decode)
     loop = EngineLoop(engine, settings.max_running, settings.max_queued)
     metrics = ServerMetrics(loop.metrics, lambda: loop.held)
