@@ -8,6 +8,8 @@ per-request ``asyncio.Queue`` that the thread fills with ``call_soon_threadsafe`
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
@@ -100,8 +102,12 @@ class EngineLoop:
 
     def _run(self) -> None:
         logger.info("engine thread started")
+        was_busy = False
         while not self._stopping.is_set():
             busy = self.engine.has_unfinished_requests()
+            if was_busy and not busy:
+                _release_free_memory()
+            was_busy = busy
             self._drain_commands(block=not busy)
             if self._stopping.is_set() or not self.engine.has_unfinished_requests():
                 continue
@@ -169,3 +175,14 @@ class EngineLoop:
             output = RequestOutput(request_id, [], None, True, reason, len(submission.prompt), 0, 0)
             self._deliver(output)
         self._metrics = self.engine.metrics()
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS when the engine goes idle (glibc keeps them otherwise,
+    so RSS would stay at its peak after a burst of requests)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
