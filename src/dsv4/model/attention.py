@@ -85,8 +85,7 @@ class Attention(nn.Module):
         # kv: one head, rotated, non-rope dims rounded as the FP8 deployment cache stores them.
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, D]
         if self.numerics.reference:
-            nope = self.head_dim - self.rope_dim
-            kv = torch.cat((quant.fp8_round_trip(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+            kv = quant.fp8_round_nope(kv, self.head_dim - self.rope_dim)
 
         out = torch.empty_like(q)  # [T, H, D]
         for seg in segments:
@@ -107,7 +106,7 @@ class Attention(nn.Module):
         """Attention output [n, H, D] for tokens [start, start + n) of one sequence."""
         n = q.shape[0]
         if state.length != start:
-            raise ValueError(f"layer state holds {state.length} tokens but the chunk starts at "
+            raise ValueError(f"layer state contains {state.length} tokens but the chunk starts at "
                              f"position {start}; chunks of a sequence must be contiguous")
         # Keys of the window: ring entries still needed by the first query, then the chunk.
         first = max(0, start - self.window + 1)

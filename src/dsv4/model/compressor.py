@@ -99,6 +99,5 @@ class Compressor(nn.Module):
             if self.rotate:
                 entries = quant.fp4_round_trip(quant.hadamard(entries), 32)
             else:
-                nope = self.head_dim - self.rope_dim
-                entries = torch.cat((quant.fp8_round_trip(entries[:, :nope], 64), entries[:, nope:]), dim=-1)
+                entries = quant.fp8_round_nope(entries, self.head_dim - self.rope_dim)
         return entries

@@ -268,6 +268,12 @@ def fp8_round_trip(x: torch.Tensor, block: int) -> torch.Tensor:
     return blocks.reshape(x.shape).to(x.dtype)
 
 
+def fp8_round_nope(x: torch.Tensor, nope: int) -> torch.Tensor:
+    """Round the first ``nope`` dims of the last axis through FP8 in 64-wide blocks and keep the
+    rest (the RoPE dims) unchanged, as the deployment KV cache stores a KV vector."""
+    return torch.cat((fp8_round_trip(x[..., :nope], 64), x[..., nope:]), dim=-1)
+
+
 def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """Quantize to FP4 e2m1 per ``block`` values along the last dim and dequantize again.
 

@@ -148,16 +148,20 @@ class Transformer(nn.Module):
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
         """Head collapse, final norm and LM head in float32: [T, hc, d] -> [T, V]."""
+        return self._vocab_logits(streams, self, self.norm)
+
+    def _vocab_logits(self, streams: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
+        """Collapse streams with ``owner``'s hc_head_* parameters, apply ``norm``, then the shared
+        LM head in float32: [T, hc, d] -> [T, V]."""
         c = self.config
-        x = hyper.hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+        x = hyper.hc_head(streams, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale,
                           c.hc_eps, c.rms_norm_eps)
-        return F.linear(self.norm(x).float(), self.head.weight.float())
+        return F.linear(norm(x).float(), self.head.weight.float())
 
     def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, chunks: list[Chunk],
                    depth: int = 0) -> torch.Tensor:
         """MTP block ``depth``: main streams at positions p [T, hc, d] and the tokens at p + 1
         [T] -> logits [T, V] for the token at p + 2. Uses the chunks' MTP layer states."""
-        c = self.config
         block = self.mtp[depth]
         positions = _positions(chunks, streams.device)
         e = block.enorm(self.embed(next_ids).to(self.dtype))  # [T, d]
@@ -165,9 +169,7 @@ class Transformer(nn.Module):
         x = block.e_proj(e).unsqueeze(-2) + block.h_proj(h)
         segments = [Segment(ch.offset, ch.length, ch.start, ch.state.mtp[depth]) for ch in chunks]
         x = block(x, next_ids, positions, segments)
-        collapsed = hyper.hc_head(x, block.hc_head_fn, block.hc_head_base, block.hc_head_scale,
-                                  c.hc_eps, c.rms_norm_eps)
-        return F.linear(block.norm(collapsed).float(), self.head.weight.float())
+        return self._vocab_logits(x, block, block.norm)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
