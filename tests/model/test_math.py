@@ -106,8 +106,10 @@ def test_hyper_connection_weight_ranges():
     base = torch.randn(24, generator=gen)
     scale = torch.tensor([1.0, 1.0, 1.0])
     pre, post, comb = hyper.hc_weights(streams, fn, base, scale, iters=20, hc_eps=1e-6, norm_eps=1e-6)
-    assert torch.all(pre > 1e-6) and torch.all(pre < 1 + 1e-6)
-    assert torch.all(post > 0) and torch.all(post < 2)
+    assert torch.all(pre > 1e-6)
+    assert torch.all(pre < 1 + 1e-6)
+    assert torch.all(post > 0)
+    assert torch.all(post < 2)
     assert torch.allclose(comb.sum(-1), torch.ones(5, 4), atol=1e-3)
     assert torch.allclose(comb.sum(-2), torch.ones(5, 4), atol=1e-5)
 

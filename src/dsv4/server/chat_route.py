@@ -211,7 +211,7 @@ class ChatService:
     def sampling_params(self, request: ChatRequest, prompt_tokens: int) -> SamplingParams:
         room = self.max_model_len - prompt_tokens
         if room < 1:
-            raise invalid(f"the prompt has {prompt_tokens} tokens but the context holds {self.max_model_len}; "
+            raise invalid(f"the prompt has {prompt_tokens} tokens but the context limit is {self.max_model_len}; "
                           f"shorten the messages", "messages", code="context_length_exceeded")
         max_tokens = request.max_tokens
         if max_tokens is None:

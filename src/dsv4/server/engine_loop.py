@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The server holds as many requests as it admits; the client should retry later."""
+    """The server already has as many requests as it admits; the client should retry later."""
 
     def __init__(self, retry_after_s: int):
         super().__init__(f"server busy; retry after {retry_after_s} s")
