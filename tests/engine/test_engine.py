@@ -203,7 +203,8 @@ def test_runner_rejects_unknown_storage(models):
         ModelRunner(models("test-mix", "plain"), storage="fp2")
 
 
-def test_upcast_weights_keeps_logits_bitwise():
+def test_upcast_weights_keeps_tokens_and_logprobs():
+    """Upcasting is exact; only the head, stored transposed, sums in another order."""
     from support.engine_helpers import random_model
 
     model = random_model("test-mix", "plain", seed=5)
@@ -212,5 +213,11 @@ def test_upcast_weights_keeps_logits_bitwise():
     _, before = run_to_end(LLMEngine(model), prompt, params)
     engine = LLMEngine(model, EngineConfig(upcast_weights=True))
     assert model.head.weight.dtype == torch.float32
+    assert model.head.weight.stride() == (1, model.config.vocab_size)  # [V, d] view of [d, V] memory
+    assert model.embed.weight.dtype == torch.bfloat16  # a lookup converts only the rows it reads
     _, after = run_to_end(engine, prompt, params)
-    assert before == after
+    assert [token for token, _, _ in after] == [token for token, _, _ in before]
+    for (_, logprob_after, top_after), (_, logprob_before, top_before) in zip(after, before):
+        assert logprob_after == pytest.approx(logprob_before, abs=1e-5)
+        assert [t for t, _ in top_after] == [t for t, _ in top_before]
+        assert [lp for _, lp in top_after] == pytest.approx([lp for _, lp in top_before], abs=1e-5)

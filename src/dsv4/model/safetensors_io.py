@@ -242,3 +242,47 @@ class StreamingWriter:
             self._handle.close()
             self._handle = None
         self._partial.unlink(missing_ok=True)
+
+
+
+def _file_backed(begin: int, end: int) -> bool:
+    """Whether the addresses [begin, end) lie in one mapping of a file (Linux /proc/self/maps)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= begin and end <= high:
+            return len(fields) >= 6 and fields[4] != "0"  # inode 0: anonymous memory
+    return False
+
+
+def release_pages(tensor: torch.Tensor) -> int:
+    """Drop the whole memory pages of a tensor that views a mapped file from this process's
+    resident set; returns the bytes released (0 where nothing was released).
+
+    Call it only on a tensor nothing reads any more, such as a weight replaced by a converted
+    copy: its pages stay counted in the process's RSS for as long as the file is mapped.
+    Anything but a contiguous CPU tensor inside a file mapping is left alone, and a page of a
+    copy-on-write mapping refills from the file if it is read again.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or os.name != "posix":
+        return 0
+    import ctypes
+    import ctypes.util
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first, last = -(-begin // page) * page, end // page * page  # whole pages inside the tensor
+    if last <= first or not _file_backed(begin, end):
+        return 0
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontneed = 4  # the same value on Linux and the BSDs
+    if libc.madvise(first, last - first, madv_dontneed) != 0:
+        logger.debug("madvise failed for a %s tensor (errno %d)", tuple(tensor.shape), ctypes.get_errno())
+        return 0
+    return last - first

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model import hyper
 from dsv4.model.attention import Attention, Segment
 from dsv4.model.kv_state import LayerState, SequenceState
-from dsv4.model.linear import Numerics, QuantLinear
+from dsv4.model.linear import Numerics, PlainLinear, QuantLinear
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
 
@@ -96,14 +95,14 @@ class Transformer(nn.Module):
             config.check_reference_numerics()
         self.dtype = dtype
         d, hc = config.hidden_size, config.hc_mult
-        self.embed = nn.Embedding(config.vocab_size, d, dtype=torch.bfloat16)
-        self.embed.weight.requires_grad_(False)
+        # Given weights skip nn.init, whose first call imports sympy (~70 MiB of resident memory).
+        self.embed = nn.Embedding(config.vocab_size, d, _weight=torch.zeros(config.vocab_size, d, dtype=torch.bfloat16),
+                                  _freeze=True)
         self.layers = nn.ModuleList(
             Block(config, ratio, hashed=i < config.num_hash_layers, numerics=self.numerics)
             for i, ratio in enumerate(config.layer_ratios))
         self.norm = RMSNorm(d, config.rms_norm_eps)
-        self.head = nn.Linear(d, config.vocab_size, bias=False, dtype=torch.bfloat16)
-        self.head.weight.requires_grad_(False)
+        self.head = PlainLinear(d, config.vocab_size, compute_dtype=torch.float32)
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * d), requires_grad=False)
         self.hc_head_base = nn.Parameter(torch.zeros(hc), requires_grad=False)
         self.hc_head_scale = nn.Parameter(torch.zeros(1), requires_grad=False)
@@ -156,7 +155,7 @@ class Transformer(nn.Module):
         c = self.config
         x = hyper.hc_head(streams, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale,
                           c.hc_eps, c.rms_norm_eps)
-        return F.linear(norm(x).float(), self.head.weight.float())
+        return self.head(norm(x))
 
     def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, chunks: list[Chunk],
                    depth: int = 0) -> torch.Tensor:
