@@ -25,8 +25,8 @@ from dsv4.model.linear import Numerics, QuantLinear
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import RopeTable, apply_rope, rope_cos_sin
 
-# Elements of the gathered [query rows, keys, head_dim] tensor processed at once.
-_GATHER_BUDGET = 1 << 24
+# Elements of the gathered keys and scores of the query rows processed at once.
+_GATHER_BUDGET = 1 << 22
 
 
 @dataclass
@@ -119,49 +119,58 @@ class Attention(nn.Module):
         window_idx = lo.unsqueeze(1) + span  # [n, W'] into window_keys
         window_idx = torch.where(window_idx <= (query_pos - first).unsqueeze(1), window_idx, -1)
 
-        keys = window_keys
-        index = window_idx
+        sources = [(window_keys, window_idx)]
+        dense = None
         if self.compressor is not None:
             state.compressed.append(self.compressor(x, start, state.compressor))
             compressed = state.compressed.view(kv.dtype)  # [C, D]
             if self.indexer is not None:
                 chosen = self.indexer(x, qr, cos, sin, start, state)  # [n, k], -1 = none
+                sources.append((compressed, chosen))
             else:
-                visible = (query_pos + 1) // self.ratio
-                all_entries = torch.arange(compressed.shape[0], device=q.device)
-                chosen = torch.where(all_entries < visible.unsqueeze(1), all_entries, -1)
-            chosen = torch.where(chosen >= 0, chosen + window_keys.shape[0], -1)
-            keys = torch.cat((window_keys, compressed))
-            index = torch.cat((window_idx, chosen), dim=1)
+                # HCA: every query attends to all entries visible to it, a prefix of the same list.
+                dense = (compressed, (query_pos + 1) // self.ratio)
         state.length = start + n
-        return sparse_attention(q, keys, index, self.attn_sink, self.head_dim ** -0.5)
+        return sparse_attention(q, sources, self.attn_sink, self.head_dim ** -0.5, dense)
 
 
-def sparse_attention(q: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, sink: torch.Tensor,
-                     softmax_scale: float) -> torch.Tensor:
+def sparse_attention(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
+                     softmax_scale: float, dense: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax attention of each query over its own key subset, with a sink logit per head.
 
-    q: [n, H, D]; keys: [N, D] (also the values); index: [n, L] rows of ``keys`` per query,
-    -1 for none; sink: [H]. The sink adds exp(sink - max) to the denominator and nothing to the
-    numerator. Returns [n, H, D] in q's dtype; scores and sums in float32.
+    q: [n, H, D]; sources: (keys [N, D], index [n, L]) pairs, each query attending to the rows
+    of ``keys`` its index row names (-1 for none); keys are also the values. ``dense``:
+    (keys [C, D], visible [n]), each query attending to the first visible[t] rows, computed as
+    a matmul instead of a gather. sink: [H]; it adds exp(sink - max) to the denominator and
+    nothing to the numerator. Returns [n, H, D] in q's dtype; scores and sums in float32.
     """
     n, heads, dim = q.shape
     out = torch.empty_like(q)
     if n == 0:
         return out
-    width = max(1, index.shape[1])
-    rows_per_block = max(1, _GATHER_BUDGET // (width * dim))
+    width = sum(index.shape[1] for _, index in sources)
+    dense_keys = dense[0].float() if dense is not None else q.new_zeros(0, dim, dtype=torch.float32)
+    per_row = width * dim + heads * (width + dense_keys.shape[0])  # gathered keys + scores
+    rows_per_block = max(1, _GATHER_BUDGET // max(1, per_row))
     sink = sink.float().view(1, heads)
+    dense_columns = torch.arange(dense_keys.shape[0], device=q.device)
     for lo in range(0, n, rows_per_block):
         hi = min(n, lo + rows_per_block)
-        idx = index[lo:hi]
-        valid = idx >= 0  # [b, L]
-        gathered = keys[idx.clamp(min=0)].float()  # [b, L, D]
-        scores = torch.einsum("bhd,bld->bhl", q[lo:hi].float(), gathered) * softmax_scale
+        query = q[lo:hi].float()  # [b, H, D]
+        gathered = torch.cat([keys[index[lo:hi].clamp(min=0)].float() for keys, index in sources], 1)  # [b, L, D]
+        valid = torch.cat([index[lo:hi] >= 0 for _, index in sources], 1)  # [b, L]
+        scores = torch.einsum("bhd,bld->bhl", query, gathered) * softmax_scale
         scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        if dense is not None:
+            hidden = dense_columns.unsqueeze(0) >= dense[1][lo:hi].unsqueeze(1)  # [b, C]
+            dense_scores = torch.einsum("bhd,cd->bhc", query, dense_keys) * softmax_scale
+            scores = torch.cat((scores, dense_scores.masked_fill_(hidden.unsqueeze(1), float("-inf"))), -1)
         peak = torch.maximum(scores.amax(-1), sink)  # [b, H]
         probs = torch.exp(scores - peak.unsqueeze(-1))
         denominator = probs.sum(-1) + torch.exp(sink - peak)
-        weights = probs / denominator.unsqueeze(-1)
-        out[lo:hi] = torch.einsum("bhl,bld->bhd", weights, gathered).to(q.dtype)
+        weights = probs / denominator.unsqueeze(-1)  # [b, H, L + C]
+        mixed = torch.einsum("bhl,bld->bhd", weights[..., :width], gathered)
+        if dense is not None:
+            mixed += torch.einsum("bhc,cd->bhd", weights[..., width:], dense_keys)
+        out[lo:hi] = mixed.to(q.dtype)
     return out

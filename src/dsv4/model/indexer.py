@@ -19,7 +19,7 @@ from dsv4.model.rope import RopeTable, apply_rope
 
 # Upper bound on elements of one [query rows, entries] working tensor; larger problems are
 # processed in blocks of query rows so that activation memory does not grow with context.
-_SCORE_BUDGET = 1 << 24
+_SCORE_BUDGET = 1 << 22
 
 
 class Indexer(nn.Module):
@@ -63,8 +63,8 @@ class Indexer(nn.Module):
         rows_per_block = max(1, _SCORE_BUDGET // max(1, entries * self.n_heads))
         for lo in range(0, n, rows_per_block):
             hi = min(n, lo + rows_per_block)
-            scores = torch.einsum("thd,sd->tsh", q[lo:hi], keys).relu()  # [b, C, Hi]
-            scores = (scores * weights[lo:hi].unsqueeze(1)).sum(-1).float()  # [b, C]
+            scores = torch.einsum("thd,sd->tsh", q[lo:hi], keys).relu_()  # [b, C, Hi]
+            scores = scores.mul_(weights[lo:hi].unsqueeze(1)).sum(-1).float()  # [b, C]
             selected[lo:hi] = select_topk(scores, visible[lo:hi], k)
         return selected
 
@@ -76,10 +76,31 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     ascending index order, padded with -1 where a row has fewer than k visible entries.
     """
     b, entries = scores.shape
-    columns = torch.arange(entries, device=scores.device)
+    masked = scores.clone()  # [b, C]
+    first_hidden = int(visible.min()) if b else entries  # columns before it are visible in every row
+    if first_hidden < entries:
+        tail = torch.arange(first_hidden, entries, device=scores.device)
+        masked[:, first_hidden:].masked_fill_(tail.unsqueeze(0) >= visible.unsqueeze(1), float("-inf"))
+    values, picked = masked.topk(k, dim=-1)  # [b, k], best first
+    threshold = values[:, -1:]  # [b, 1], the k-th best score
+    # topk breaks ties arbitrarily; its choice is the rule's only where it took every entry
+    # equal to the threshold, and where the threshold is a real score.
+    all_taken = (masked == threshold).sum(-1) == (values == threshold).sum(-1)
+    unambiguous = all_taken & (threshold[:, 0] > float("-inf"))
+    result = picked.sort(dim=-1).values
+    rows = (~unambiguous).nonzero().flatten()
+    if rows.numel():
+        result[rows] = _select_with_ties(masked[rows], visible[rows], k)
+    return result
+
+
+def _select_with_ties(masked: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """select_topk for rows whose k-th best score is tied or -inf; masked: [b, C] with hidden
+    entries at -inf."""
+    b, entries = masked.shape
+    columns = torch.arange(entries, device=masked.device)
     is_visible = columns.unsqueeze(0) < visible.unsqueeze(1)  # [b, C]
-    masked = scores.masked_fill(~is_visible, float("-inf"))
-    threshold = masked.topk(k, dim=-1).values[:, -1:]  # [b, 1], the k-th best score
+    threshold = masked.topk(k, dim=-1).values[:, -1:]  # [b, 1]
     above = masked > threshold
     at = (masked == threshold) & is_visible
     # Take as many entries equal to the threshold as are needed, lowest index first.
