@@ -121,12 +121,12 @@ def test_sink_only_enlarges_the_denominator():
     keys = torch.tensor([[2.0, 3.0], [0.0, 1.0]])
     index = torch.tensor([[0, -1]])
     sink = torch.tensor([0.5])
-    out = sparse_attention(q, [(keys, index)], sink, softmax_scale=1.0)
+    out = sparse_attention(q, sink, 1.0, gathered=[(keys, index)])
     score = 2.0
     weight = math.exp(score) / (math.exp(score) + math.exp(0.5))
     assert torch.allclose(out[0, 0], weight * keys[0], atol=1e-6)
     # A very negative sink leaves plain softmax.
-    out = sparse_attention(q, [(keys, torch.tensor([[0, 1]]))], torch.tensor([-1e9]), 1.0)
+    out = sparse_attention(q, torch.tensor([-1e9]), 1.0, gathered=[(keys, torch.tensor([[0, 1]]))])
     probs = torch.softmax(torch.tensor([2.0, 0.0]), 0)
     assert torch.allclose(out[0, 0], probs[0] * keys[0] + probs[1] * keys[1], atol=1e-6)
 
@@ -137,28 +137,28 @@ def test_one_query_alone_equals_last_row_of_a_batch():
     keys = torch.randn(10, 8, generator=gen)
     index = torch.randint(-1, 10, (6, 5), generator=gen)
     sink = torch.randn(2, generator=gen)
-    batch = sparse_attention(q, [(keys, index)], sink, 0.3)
-    alone = sparse_attention(q[-1:], [(keys, index[-1:])], sink, 0.3)
+    batch = sparse_attention(q, sink, 0.3, gathered=[(keys, index)])
+    alone = sparse_attention(q[-1:], sink, 0.3, gathered=[(keys, index[-1:])])
     assert torch.equal(batch[-1:], alone)
 
 
-def test_dense_prefix_equals_gathered_prefix():
-    """Attending densely to the first visible[t] rows equals gathering those rows by index."""
+def test_key_ranges_equal_gathered_rows():
+    """Rows [begin, end) scored by a matmul equal the same rows gathered by index."""
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(5, 3, 8, generator=gen)
-    window = torch.randn(4, 8, generator=gen)
-    window_index = torch.randint(-1, 4, (5, 2), generator=gen)
-    compressed = torch.randn(6, 8, generator=gen)
-    visible = torch.tensor([0, 1, 3, 6, 6])
+    keys = torch.randn(9, 8, generator=gen)
+    begin = torch.tensor([0, 0, 2, 3, 6])
+    end = torch.tensor([0, 1, 5, 9, 7])
+    picked = torch.randint(-1, 9, (5, 3), generator=gen)
     sink = torch.randn(3, generator=gen)
-    dense = sparse_attention(q, [(window, window_index)], sink, 0.4, dense=(compressed, visible))
-    columns = torch.arange(6)
-    prefix_index = torch.where(columns < visible.unsqueeze(1), columns, -1)  # [5, 6]
-    gathered = sparse_attention(q, [(window, window_index), (compressed, prefix_index)], sink, 0.4)
-    assert torch.allclose(dense, gathered, atol=1e-6)
-    # The first query sees no compressed entry: only its window keys count.
-    alone = sparse_attention(q[:1], [(window, window_index[:1])], sink, 0.4)
-    assert torch.allclose(dense[:1], alone, atol=1e-6)
+    by_range = sparse_attention(q, sink, 0.4, ranges=[(keys, begin, end)], gathered=[(keys, picked)])
+    columns = torch.arange(9)
+    index = torch.where((columns >= begin.unsqueeze(1)) & (columns < end.unsqueeze(1)), columns, -1)  # [5, 9]
+    by_index = sparse_attention(q, sink, 0.4, gathered=[(keys, index), (keys, picked)])
+    assert torch.allclose(by_range, by_index, atol=1e-6)
+    # The first query's range is empty: only its gathered keys count.
+    alone = sparse_attention(q[:1], sink, 0.4, gathered=[(keys, picked[:1])])
+    assert torch.allclose(by_range[:1], alone, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- compressor

@@ -113,64 +113,78 @@ class Attention(nn.Module):
         window_keys = torch.cat((state.window_rows(first, start).to(kv.dtype), kv))  # [start-first+n, D]
         state.push_window(kv, start)
 
+        # Query t attends to window keys [begin, end): positions max(0, t - W + 1)..t.
         query_pos = torch.arange(start, start + n, device=q.device)
-        lo = (query_pos - self.window + 1).clamp(min=0) - first  # [n] first window key per query
-        span = torch.arange(min(self.window, start - first + n), device=q.device)
-        window_idx = lo.unsqueeze(1) + span  # [n, W'] into window_keys
-        window_idx = torch.where(window_idx <= (query_pos - first).unsqueeze(1), window_idx, -1)
-
-        sources = [(window_keys, window_idx)]
-        dense = None
+        window_begin = (query_pos - self.window + 1).clamp(min=0) - first  # [n]
+        ranges = [(window_keys, window_begin, query_pos - first + 1)]
+        gathered = []
         if self.compressor is not None:
             state.compressed.append(self.compressor(x, start, state.compressor))
             compressed = state.compressed.view(kv.dtype)  # [C, D]
             if self.indexer is not None:
                 chosen = self.indexer(x, qr, cos, sin, start, state)  # [n, k], -1 = none
-                sources.append((compressed, chosen))
+                gathered.append((compressed, chosen))
             else:
-                # HCA: every query attends to all entries visible to it, a prefix of the same list.
-                dense = (compressed, (query_pos + 1) // self.ratio)
+                # HCA: every query attends to the entries of the blocks complete at its position.
+                ranges.append((compressed, torch.zeros_like(query_pos), (query_pos + 1) // self.ratio))
         state.length = start + n
-        return sparse_attention(q, sources, self.attn_sink, self.head_dim ** -0.5, dense)
+        return sparse_attention(q, self.attn_sink, self.head_dim ** -0.5, ranges, gathered)
 
 
-def sparse_attention(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
-                     softmax_scale: float, dense: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def sparse_attention(q: torch.Tensor, sink: torch.Tensor, softmax_scale: float,
+                     ranges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
+                     gathered: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
     """Softmax attention of each query over its own key subset, with a sink logit per head.
 
-    q: [n, H, D]; sources: (keys [N, D], index [n, L]) pairs, each query attending to the rows
-    of ``keys`` its index row names (-1 for none); keys are also the values. ``dense``:
-    (keys [C, D], visible [n]), each query attending to the first visible[t] rows, computed as
-    a matmul instead of a gather. sink: [H]; it adds exp(sink - max) to the denominator and
-    nothing to the numerator. Returns [n, H, D] in q's dtype; scores and sums in float32.
+    q: [n, H, D]. Keys are also the values, and a query's keys come from two kinds of source:
+    ``ranges``, (keys [N, D], begin [n], end [n]): query t attends to rows [begin[t], end[t]), scored
+    by one matmul per block of queries; ``gathered``, (keys [N, D], index [n, L]): query t attends to
+    the rows its index row names (-1 for none). sink: [H]; it adds exp(sink - max) to the
+    denominator and nothing to the numerator. Returns [n, H, D] in q's dtype, computed in
+    float32.
     """
     n, heads, dim = q.shape
     out = torch.empty_like(q)
     if n == 0:
         return out
-    width = sum(index.shape[1] for _, index in sources)
-    dense_keys = dense[0].float() if dense is not None else q.new_zeros(0, dim, dtype=torch.float32)
-    per_row = width * dim + heads * (width + dense_keys.shape[0])  # gathered keys + scores
+    # A block's range of keys spans at most the widest query's range plus the block's rows.
+    range_width = sum(int((end - begin).max()) for _, begin, end in ranges)
+    gathered_width = sum(index.shape[1] for _, index in gathered)
+    per_row = heads * 2 * (range_width + gathered_width) + gathered_width * dim
     rows_per_block = max(1, _GATHER_BUDGET // max(1, per_row))
+    if ranges:  # a block much taller than the narrowest range would mostly score hidden keys
+        narrowest = min(int((end - begin).max()) for _, begin, end in ranges)
+        rows_per_block = min(rows_per_block, max(32, narrowest))
     sink = sink.float().view(1, heads)
-    dense_columns = torch.arange(dense_keys.shape[0], device=q.device)
     for lo in range(0, n, rows_per_block):
         hi = min(n, lo + rows_per_block)
         query = q[lo:hi].float()  # [b, H, D]
-        gathered = torch.cat([keys[index[lo:hi].clamp(min=0)].float() for keys, index in sources], 1)  # [b, L, D]
-        valid = torch.cat([index[lo:hi] >= 0 for _, index in sources], 1)  # [b, L]
-        scores = torch.einsum("bhd,bld->bhl", query, gathered) * softmax_scale
-        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
-        if dense is not None:
-            hidden = dense_columns.unsqueeze(0) >= dense[1][lo:hi].unsqueeze(1)  # [b, C]
-            dense_scores = torch.einsum("bhd,cd->bhc", query, dense_keys) * softmax_scale
-            scores = torch.cat((scores, dense_scores.masked_fill_(hidden.unsqueeze(1), float("-inf"))), -1)
-        peak = torch.maximum(scores.amax(-1), sink)  # [b, H]
-        probs = torch.exp(scores - peak.unsqueeze(-1))
+        values, scores = [], []
+        for keys, begin, end in ranges:
+            first, last = int(begin[lo:hi].min()), int(end[lo:hi].max())
+            block = keys[first:last].float()  # [m, D]
+            columns = torch.arange(first, max(first, last), device=q.device)
+            hidden = (columns < begin[lo:hi, None]) | (columns >= end[lo:hi, None])  # [b, m]
+            part = torch.einsum("bhd,md->bhm", query, block).mul_(softmax_scale)
+            scores.append(part.masked_fill_(hidden.unsqueeze(1), float("-inf")))
+            values.append(block)
+        for keys, index in gathered:
+            rows = index[lo:hi]
+            block = keys[rows.clamp(min=0)].float()  # [b, L, D]
+            part = torch.einsum("bhd,bld->bhl", query, block).mul_(softmax_scale)
+            scores.append(part.masked_fill_((rows < 0).unsqueeze(1), float("-inf")))
+            values.append(block)
+        logits = torch.cat(scores, -1)  # [b, H, sum of widths]
+        peak = torch.maximum(logits.amax(-1), sink)  # [b, H]
+        probs = torch.exp(logits - peak.unsqueeze(-1))
         denominator = probs.sum(-1) + torch.exp(sink - peak)
-        weights = probs / denominator.unsqueeze(-1)  # [b, H, L + C]
-        mixed = torch.einsum("bhl,bld->bhd", weights[..., :width], gathered)
-        if dense is not None:
-            mixed += torch.einsum("bhc,cd->bhd", weights[..., width:], dense_keys)
+        weights = probs / denominator.unsqueeze(-1)
+        mixed = torch.zeros_like(query)  # [b, H, D]
+        offset = 0
+        for part, block in zip(scores, values):
+            share = weights[..., offset: offset + part.shape[-1]]
+            offset += part.shape[-1]
+            pattern = "bhm,md->bhd" if block.dim() == 2 else "bhl,bld->bhd"
+            mixed += torch.einsum(pattern, share, block)
         out[lo:hi] = mixed.to(q.dtype)
     return out
