@@ -221,3 +221,15 @@ def test_upcast_weights_keeps_tokens_and_logprobs():
         assert logprob_after == pytest.approx(logprob_before, abs=1e-5)
         assert [t for t, _ in top_after] == [t for t, _ in top_before]
         assert [lp for _, lp in top_after] == pytest.approx([lp for _, lp in top_before], abs=1e-5)
+
+
+def test_request_longer_than_context_rejected(models):
+    model = models("test-mix", "plain")
+    limit = model.config.max_position_embeddings
+    engine = LLMEngine(model)
+    prompt = [5] * 10
+    with pytest.raises(ValueError, match=rf"10 prompt tokens plus max_tokens={limit} exceed .* {limit} tokens"):
+        engine.add_request("long", prompt, SamplingParams(max_tokens=limit))
+    assert not engine.has_unfinished_requests()
+    engine.add_request("fits", prompt, SamplingParams(max_tokens=limit - 10))
+    assert engine.has_unfinished_requests()

@@ -129,6 +129,12 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside [0, {vocab})")
+        limit = self.model.config.max_position_embeddings
+        if len(prompt) + params.max_tokens > limit:
+            raise ValueError(f"request {request_id!r}: {len(prompt)} prompt tokens plus max_tokens="
+                             f"{params.max_tokens} exceed the model's context of {limit} tokens "
+                             f"(max_position_embeddings); shorten the prompt or ask for at most "
+                             f"{max(0, limit - len(prompt))} new tokens")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer; pass detokenize= to LLMEngine")
         sequence = Sequence(request_id, prompt, params)
