@@ -233,3 +233,22 @@ def test_request_longer_than_context_rejected(models):
     assert not engine.has_unfinished_requests()
     engine.add_request("fits", prompt, SamplingParams(max_tokens=limit - 10))
     assert engine.has_unfinished_requests()
+
+
+def test_generate_adds_all_prompts_or_none(models):
+    model = models("test-mix", "plain")
+    limit = model.config.max_position_embeddings
+    engine = LLMEngine(model)
+    params = [SamplingParams(max_tokens=4), SamplingParams(max_tokens=limit)]
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        engine.generate([[1, 2, 3], [4] * 10], params)
+    engine.step()  # reports the aborted first prompt
+    assert not engine.has_unfinished_requests()
+
+
+def test_prompt_at_context_limit_names_shorter_prompt(models):
+    model = models("test-mix", "plain")
+    limit = model.config.max_position_embeddings
+    engine = LLMEngine(model)
+    with pytest.raises(ValueError, match=f"shorten the prompt to at most {limit - 1} tokens"):
+        engine.add_request("full", [3] * limit, SamplingParams(max_tokens=1))

@@ -326,3 +326,18 @@ def test_cached_dequantized_weights_give_identical_logits():
     assert model.cache_dequantized_weights(0) == 0
     assert model.cache_dequantized_weights(1 << 30) > 0
     assert torch.equal(model(ids), before)
+
+
+def test_query_without_keys_gives_zero():
+    q = torch.randn(2, 1, 4)
+    keys = torch.randn(4, 4)
+    empty = torch.zeros(2, dtype=torch.long)
+    out = sparse_attention(q, torch.zeros(1), 1.0, ranges=[(keys, empty, empty)])
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+def test_topk_never_selects_nan():
+    nan = float("nan")
+    for row in ([nan, 1.0, 2.0], [nan, 1.0, 1.0], [1.0, nan, 3.0, 2.0]):
+        got = select_topk(torch.tensor([row]), torch.tensor([len(row)]), 2)[0].tolist()
+        assert all(row[i] == row[i] for i in got if i >= 0), f"row {row} selected {got}"

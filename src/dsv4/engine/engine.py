@@ -131,10 +131,11 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside [0, {vocab})")
         limit = self.model.config.max_position_embeddings
         if len(prompt) + params.max_tokens > limit:
+            fix = (f"ask for at most {limit - len(prompt)} new tokens" if len(prompt) < limit
+                   else f"shorten the prompt to at most {limit - 1} tokens")
             raise ValueError(f"request {request_id!r}: {len(prompt)} prompt tokens plus max_tokens="
                              f"{params.max_tokens} exceed the model's context of {limit} tokens "
-                             f"(max_position_embeddings); shorten the prompt or ask for at most "
-                             f"{max(0, limit - len(prompt))} new tokens")
+                             f"(max_position_embeddings); {fix}")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer; pass detokenize= to LLMEngine")
         sequence = Sequence(request_id, prompt, params)
@@ -330,7 +331,14 @@ class LLMEngine:
         """Run prompts to completion together; one final output per prompt, in order."""
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(None, prompt, p) for prompt, p in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.add_request(None, prompt, p))
+        except ValueError:
+            for request_id in ids:  # all prompts or none
+                self.abort_request(request_id)
+            raise
         final: dict[str, RequestOutput] = {}
         for output in self.stream():
             if output.finished:

@@ -175,6 +175,9 @@ def sparse_attention(q: torch.Tensor, sink: torch.Tensor, softmax_scale: float,
             scores.append(part.masked_fill_((rows < 0).unsqueeze(1), float("-inf")))
             values.append(block)
         logits = torch.cat(scores, -1)  # [b, H, sum of widths]
+        if logits.shape[-1] == 0:  # no key in any source: only the sink, so the output is 0
+            out[lo:hi] = 0
+            continue
         peak = torch.maximum(logits.amax(-1), sink)  # [b, H]
         probs = torch.exp(logits - peak.unsqueeze(-1))
         denominator = probs.sum(-1) + torch.exp(sink - peak)

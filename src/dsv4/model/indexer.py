@@ -83,10 +83,11 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
         masked[:, first_hidden:].masked_fill_(tail.unsqueeze(0) >= visible.unsqueeze(1), float("-inf"))
     values, picked = masked.topk(k, dim=-1)  # [b, k], best first
     threshold = values[:, -1:]  # [b, 1], the k-th best score
-    # topk breaks ties arbitrarily; its choice is the rule's only where it took every entry
-    # equal to the threshold, and where the threshold is a real score.
+    # topk breaks ties arbitrarily. Its choice follows the rule only where it took every entry
+    # equal to the threshold and the threshold is a real score.
     all_taken = (masked == threshold).sum(-1) == (values == threshold).sum(-1)
-    unambiguous = all_taken & (threshold[:, 0] > float("-inf"))
+    # NaN scores (topk ranks them first) also go the slow way, which never selects them.
+    unambiguous = all_taken & (threshold[:, 0] > float("-inf")) & ~values.isnan().any(-1)
     result = picked.sort(dim=-1).values
     rows = (~unambiguous).nonzero().flatten()
     if rows.numel():

@@ -265,8 +265,8 @@ def release_pages(tensor: torch.Tensor) -> int:
 
     Call it only on a tensor nothing reads any more, such as a weight replaced by a converted
     copy: its pages stay counted in the process's RSS for as long as the file is mapped.
-    Anything but a contiguous CPU tensor inside a file mapping is left alone, and a page of a
-    copy-on-write mapping refills from the file if it is read again.
+    Anything but a contiguous CPU tensor inside a file mapping is left alone. A released page
+    refills from the file when read again, so writes made to it through any view are lost.
     """
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or os.name != "posix":
         return 0
