@@ -12,8 +12,9 @@ MODEL = "dsv4-tiny"
 
 
 def long_request(max_tokens=400):
+    """A streamed request that runs to max_tokens: the random model may sample end-of-sentence."""
     return {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": max_tokens,
-            "stream": True, "seed": 1}
+            "stream": True, "seed": 1, "ignore_eos": True}
 
 
 def wait_until_idle(server, timeout_s=60.0) -> str:
@@ -50,7 +51,10 @@ def test_full_queue_answers_429_with_retry_after():
         holder = httpx.stream("POST", running.url("/v1/chat/completions"), json=long_request(2000), timeout=60)
         response = holder.__enter__()
         assert response.status_code == 200
-        next(response.iter_lines())
+        # Keep the line iterator: once it is garbage-collected, httpx closes the connection and
+        # the server cancels the holder, racing the next request.
+        lines = response.iter_lines()
+        next(lines)
         busy = httpx.post(running.url("/v1/chat/completions"), json={**long_request(4), "stream": False})
         assert busy.status_code == 429
         assert busy.headers["Retry-After"] == "1"

@@ -253,3 +253,19 @@ def test_health_and_metrics(server, client):
     assert "dsv4_requests_total" in text
     assert "dsv4_time_to_first_token_seconds_bucket" in text
     assert "dsv4_cache_bytes_total" in text
+
+
+def test_ignore_eos_runs_to_max_tokens(client, forced):
+    marker = forced.set("early_end", "x</think>Hi<｜end▁of▁sentence｜>")
+    stopped = client.chat.completions.create(model=MODEL, messages=ask(marker), max_tokens=8)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 8
+    kept = client.chat.completions.create(model=MODEL, messages=ask(marker), max_tokens=8,
+                                          extra_body={"ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length"
+    assert kept.usage.completion_tokens == 8
+
+
+def test_ignore_eos_must_be_boolean(client):
+    with pytest.raises(openai.BadRequestError, match="ignore_eos must be true or false"):
+        client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, extra_body={"ignore_eos": "yes"})

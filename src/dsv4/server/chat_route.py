@@ -230,5 +230,6 @@ class ChatService:
             stop=tuple(request.stop),
             logprobs=request.top_logprobs if request.logprobs else None,
             forced_tokens=forced,
-            stop_token_ids=(self.tokenizer.eos_id,),
+            stop_token_ids=() if request.ignore_eos else (self.tokenizer.eos_id,),
+            ignore_eos=request.ignore_eos,
         )

@@ -17,7 +17,7 @@ _KNOWN = {
     "model", "messages", "tools", "tool_choice", "temperature", "top_p", "max_tokens",
     "max_completion_tokens", "stop", "seed", "logprobs", "top_logprobs", "stream",
     "stream_options", "response_format", "thinking", "reasoning_effort", "n",
-    "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
+    "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos",
 } | _IGNORED
 
 
@@ -37,6 +37,7 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens even past end-of-sentence
     include_usage: bool = False
     response_format: Any = None
     thinking: bool = True
@@ -122,6 +123,11 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if not request.logprobs:
             raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
         request.top_logprobs = top
+
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise invalid(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+    request.ignore_eos = ignore_eos
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
