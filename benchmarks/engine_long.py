@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,12 +23,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_docs import write_section  # noqa: E402
+from engine_b2 import peak_rss_gib  # noqa: E402
 
 TARGET = 1 << 20
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
 
 
 def run(engine, prompt: list[int], decode: int, chunk: int, progress: bool) -> dict:

@@ -260,10 +260,10 @@ def test_ignore_eos_runs_to_max_tokens(client, forced):
     stopped = client.chat.completions.create(model=MODEL, messages=ask(marker), max_tokens=8)
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens < 8
-    kept = client.chat.completions.create(model=MODEL, messages=ask(marker), max_tokens=8,
-                                          extra_body={"ignore_eos": True})
-    assert kept.choices[0].finish_reason == "length"
-    assert kept.usage.completion_tokens == 8
+    continued = client.chat.completions.create(model=MODEL, messages=ask(marker), max_tokens=8,
+                                               extra_body={"ignore_eos": True})
+    assert continued.choices[0].finish_reason == "length"
+    assert continued.usage.completion_tokens == 8
 
 
 def test_ignore_eos_must_be_boolean(client):

@@ -161,7 +161,7 @@ class ModelRunner:
 
 
 def _transposed_copy(weight: torch.Tensor, dtype: torch.dtype, block_rows: int = 8192) -> torch.Tensor:
-    """A [rows, cols] weight as a [rows, cols] view of new [cols, rows] memory in ``dtype``.
+    """Copy a [rows, cols] weight into new [cols, rows] memory in ``dtype``; return a [rows, cols] view.
 
     Converted one block of rows at a time, releasing each block's file pages, so the process
     never holds a second full copy of the source.

@@ -148,13 +148,12 @@ def sparse_attention(q: torch.Tensor, sink: torch.Tensor, softmax_scale: float,
     if n == 0:
         return out
     # A block's range of keys spans at most the widest query's range plus the block's rows.
-    range_width = sum(int((end - begin).max()) for _, begin, end in ranges)
+    range_widths = [int((end - begin).max()) for _, begin, end in ranges]  # widest query per range
     gathered_width = sum(index.shape[1] for _, index in gathered)
-    per_row = heads * 2 * (range_width + gathered_width) + gathered_width * dim
+    per_row = heads * 2 * (sum(range_widths) + gathered_width) + gathered_width * dim
     rows_per_block = max(1, _GATHER_BUDGET // max(1, per_row))
-    if ranges:  # a block much taller than the narrowest range would mostly score hidden keys
-        narrowest = min(int((end - begin).max()) for _, begin, end in ranges)
-        rows_per_block = min(rows_per_block, max(32, narrowest))
+    if range_widths:  # a block much taller than the narrowest range would mostly score hidden keys
+        rows_per_block = min(rows_per_block, max(32, min(range_widths)))
     sink = sink.float().view(1, heads)
     for lo in range(0, n, rows_per_block):
         hi = min(n, lo + rows_per_block)

@@ -246,7 +246,7 @@ class StreamingWriter:
 
 
 def _file_backed(begin: int, end: int) -> bool:
-    """Whether the addresses [begin, end) lie in one mapping of a file (Linux /proc/self/maps)."""
+    """Check whether the addresses [begin, end) lie in one mapping of a file (Linux /proc/self/maps)."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
@@ -261,10 +261,10 @@ def _file_backed(begin: int, end: int) -> bool:
 
 def release_pages(tensor: torch.Tensor) -> int:
     """Drop the whole memory pages of a tensor that views a mapped file from this process's
-    resident set; returns the bytes released (0 where nothing was released).
+    resident set. Returns the bytes released (0 where nothing was released).
 
     Call it only on a tensor nothing reads any more, such as a weight replaced by a converted
-    copy: its pages stay counted in the process's RSS for as long as the file is mapped.
+    copy. Its pages stay counted in the process's RSS for as long as the file is mapped.
     Anything but a contiguous CPU tensor inside a file mapping is left alone. A released page
     refills from the file when read again, so writes made to it through any view are lost.
     """
